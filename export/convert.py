@@ -1,0 +1,148 @@
+"""HF checkpoint -> model.onnx with a KV cache (optimum's exporter, task text-generation-with-past)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from dialogpt_edge.runtime.errors import UserError
+
+TASK = "text-generation-with-past"
+# owner/name, as the hub spells ids; anything else that is not a local folder is a typo.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved checkpoint: where it is, what it is."""
+
+    ref: str  # the local folder path or the hub id, as given to from_pretrained
+    is_local: bool
+    config: object  # transformers.GPT2Config
+    revision: str | None  # the hub commit, when known
+
+
+@contextmanager
+def quiet_libraries():
+    """Silence the tracer warnings and library chatter of a torch.onnx export; our progress lines stay."""
+    import transformers
+
+    # optimum configures its loggers when its modules are first imported: import them
+    # now, or the levels set below are overwritten halfway through the export.
+    import optimum.exporters.onnx  # noqa: F401
+    import optimum.onnx.transformations_utils  # noqa: F401
+
+    previous = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    loggers = [logging.getLogger(n) for n in ("optimum", "huggingface_hub", "torch.onnx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(previous)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def resolve_source(src: str) -> Source:
+    """Find SRC (a local folder first, else a hub id) and check it is a GPT-2 causal LM."""
+    from transformers import AutoConfig
+
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{src} is a file; SRC must be a checkpoint folder or a hub id such as microsoft/DialoGPT-small")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{src} has no config.json, so it is not a Hugging Face checkpoint folder (point SRC at the folder save_pretrained wrote)")
+        ref, is_local = str(path), True
+    elif _HUB_ID.match(src) and not src.startswith((".", "~")):
+        ref, is_local = src, False
+    else:
+        raise UserError(f"no such folder: {src} (give a local checkpoint folder or a hub id such as microsoft/DialoGPT-small)")
+
+    try:
+        config = AutoConfig.from_pretrained(ref)
+    except (OSError, ValueError) as e:
+        if is_local:
+            raise UserError(f"cannot read the config of {src}: {_first_line(e)} (check config.json)") from None
+        raise UserError(
+            f"cannot load {src} from the Hugging Face hub: {_first_line(e)} "
+            "(check the id and your connection, or pass a local checkpoint folder)"
+        ) from None
+
+    model_type = getattr(config, "model_type", None)
+    architectures = getattr(config, "architectures", None) or []
+    if model_type != "gpt2" or (architectures and not any(a in ("GPT2LMHeadModel",) for a in architectures)):
+        found = f"model_type {model_type!r}" + (f", architectures {architectures}" if architectures else "")
+        raise UserError(
+            f"{src} is not a GPT-2-architecture causal LM (DialoGPT): found {found} "
+            "(expected model_type 'gpt2' with GPT2LMHeadModel)"
+        )
+    return Source(ref=ref, is_local=is_local, config=config, revision=getattr(config, "_commit_hash", None))
+
+
+def load_torch_model(source: Source):
+    """The PyTorch reference, fp32, eval mode; eager attention so the reference is the plain math."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.ref, dtype=torch.float32, attn_implementation="eager")
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the weights of {source.ref}: {_first_line(e)} (check the checkpoint folder)") from None
+    return model.eval()
+
+
+def load_hf_tokenizer(source: Source):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source.ref, use_fast=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(
+            f"{source.ref} has no usable tokenizer: {_first_line(e)} "
+            "(DialoGPT uses GPT-2's tokenizer: add vocab.json + merges.txt or tokenizer.json to the folder)"
+        ) from None
+    if not getattr(tok, "is_fast", False):
+        raise UserError(f"{source.ref}: could not build a fast tokenizer (add tokenizer.json to the folder)")
+    return tok
+
+
+def export_onnx(source: Source, workdir: Path) -> list[Path]:
+    """Run optimum's exporter into `workdir`; returns model.onnx and any external-data files."""
+    from optimum.exporters.onnx import main_export
+
+    out = workdir / "optimum"
+    try:
+        main_export(
+            source.ref,
+            output=out,
+            task=TASK,
+            device="cpu",
+            do_validation=False,  # export/verify.py checks parity itself, at a tighter bound
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"optimum could not export {source.ref}: {_first_line(e)} (re-run with --debug for details)") from e
+    files = sorted(p for p in out.iterdir() if p.name.startswith("model.onnx"))
+    if not any(p.name == "model.onnx" for p in files):
+        raise UserError(f"optimum wrote no model.onnx for {source.ref} (re-run with --debug for details)")
+    return files
+
+
+def move_into(files: list[Path], folder: Path) -> None:
+    for p in files:
+        shutil.move(str(p), folder / p.name)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,142 @@
+"""The `dialogpt-edge` command: one entry point, verbs as subcommands.
+
+export imports its heavy dependencies (torch, transformers, optimum) only when called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+from .errors import UserError
+
+MODEL_ENV = "DIALOGPT_EDGE_MODEL"
+
+
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-m",
+        "--model",
+        default=os.environ.get(MODEL_ENV),
+        help=f"model folder written by `dialogpt-edge export` (default: ${MODEL_ENV})",
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dialogpt-edge",
+        description="Fast DialoGPT on CPUs: export to ONNX, then generate without PyTorch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser(
+        "generate",
+        help="greedy continuation of one prompt",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_model_arg(gen)
+    gen.add_argument("--prompt", required=True, help="prompt text; the eos token is appended, as DialoGPT expects")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=64, help="stop after this many new tokens")
+    gen.add_argument("--min-new-tokens", type=_positive_int, default=0, help="eos is banned before this many")
+    gen.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with ids, text and timings")
+    gen.set_defaults(handler=_cmd_generate)
+
+    exp = sub.add_parser(
+        "export",
+        help="convert a DialoGPT checkpoint (hub id or local folder) to a model folder",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    exp.add_argument("source", metavar="SRC", help="hub id (microsoft/DialoGPT-small) or local checkpoint folder")
+    exp.add_argument("--output", "-o", required=True, help="model folder to write")
+    exp.add_argument("--force", action="store_true", help="replace an existing output folder")
+    exp.set_defaults(handler=_cmd_export)
+    return parser
+
+
+def _require_model(args) -> str:
+    if not args.model:
+        raise UserError(f"no model given (pass --model DIR, or set {MODEL_ENV})")
+    return args.model
+
+
+def _cmd_generate(args) -> int:
+    from .generate import generate
+    from .manifest import load
+    from .session import Session
+    from .tokenizer import TextStream, Tokenizer
+
+    spec = load(_require_model(args))
+    session = Session(spec, threads=args.threads)
+    tokenizer = Tokenizer(spec.tokenizer_path, spec.eos_token_id)
+    prompt_ids = tokenizer.encode_turn(args.prompt)
+
+    ids: list[int] = []
+    stream = TextStream(tokenizer)
+    start = time.perf_counter()
+    first_at = None
+    for token in generate(
+        session, prompt_ids, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens
+    ):
+        if first_at is None:
+            first_at = time.perf_counter()
+        ids.append(token)
+        if not args.json:
+            sys.stdout.write(stream.push(token))
+            sys.stdout.flush()
+    end = time.perf_counter()
+
+    if args.json:
+        result = {
+            "prompt_tokens": len(prompt_ids),
+            "ids": ids,
+            "text": tokenizer.decode(ids),
+            "ttft_ms": None if first_at is None else round((first_at - start) * 1e3, 3),
+            "decode_ms_per_token": (
+                round((end - first_at) * 1e3 / (len(ids) - 1), 3) if len(ids) > 1 else None
+            ),
+            "threads": session.threads,
+        }
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        sys.stdout.write(stream.flush() + "\n")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    try:
+        from dialogpt_edge.export.pipeline import export_model
+    except ImportError as e:
+        raise UserError(
+            f"export needs the export extra ({e.name or e} is not installed; run: pip install 'dialogpt-edge[export]')"
+        ) from None
+    export_model(args.source, args.output, force=args.force)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

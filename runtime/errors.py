@@ -1,0 +1,13 @@
+"""The one exception family the CLI turns into a one-line message instead of a traceback."""
+
+
+class UserError(Exception):
+    """Something the user can fix; str(err) is the whole message, ending with what to do."""
+
+
+class ModelFolderError(UserError):
+    """A model folder that is missing, incomplete, altered or of an unknown format."""
+
+
+class ContextLengthError(UserError):
+    """A sequence that would run past the model's position table."""

@@ -1,0 +1,144 @@
+"""manifest.json: the contract between export/ and runtime/ (read, validate, write, checksums)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelFolderError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+
+_ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "eos_token_id")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the runtime needs to know about a validated model folder."""
+
+    path: Path
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_positions: int
+    vocab_size: int
+    eos_token_id: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    precision: str
+    manifest: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / TOKENIZER_FILE
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file in `folder` except the manifest itself."""
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name != MANIFEST_NAME:
+            files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    return files
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
+    """Write manifest.json last, with the checksums of everything already in `folder`."""
+    manifest = dict(manifest, format_version=FORMAT_VERSION, files=describe_files(folder))
+    path = folder / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load(folder: str | os.PathLike, *, verify_checksums: bool = True) -> ModelSpec:
+    """Read and validate a model folder; any problem is one ModelFolderError naming it."""
+    folder = Path(folder).expanduser()
+    hint = "export one with `dialogpt-edge export SRC --output DIR`"
+    if not folder.is_dir():
+        raise ModelFolderError(f"model folder {folder} does not exist ({hint})")
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise ModelFolderError(
+            f"{folder} is not a dialogpt-edge model folder: {MANIFEST_NAME} is missing ({hint})"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFolderError(f"{manifest_path} is not valid JSON ({e}; re-export the model)") from None
+    if not isinstance(manifest, dict):
+        raise ModelFolderError(f"{manifest_path} is not a JSON object (re-export the model)")
+
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFolderError(
+            f"{manifest_path} has format_version {version!r}, this runtime reads {FORMAT_VERSION} "
+            "(re-export the model with this version of dialogpt-edge)"
+        )
+    arch = manifest.get("architecture")
+    if not isinstance(arch, dict) or any(not isinstance(arch.get(k), int) for k in _ARCH_FIELDS):
+        raise ModelFolderError(
+            f"{manifest_path}: 'architecture' must give integer {', '.join(_ARCH_FIELDS)} (re-export the model)"
+        )
+    if arch["n_embd"] % arch["n_head"]:
+        raise ModelFolderError(f"{manifest_path}: n_embd is not a multiple of n_head (re-export the model)")
+    io = manifest.get("io") or {}
+    if not io.get("inputs") or not io.get("outputs"):
+        raise ModelFolderError(f"{manifest_path}: 'io' must list the graph's inputs and outputs (re-export the model)")
+
+    files = manifest.get("files")
+    if not isinstance(files, dict) or MODEL_FILE not in files or TOKENIZER_FILE not in files:
+        raise ModelFolderError(
+            f"{manifest_path}: 'files' must list {MODEL_FILE} and {TOKENIZER_FILE} (re-export the model)"
+        )
+    _check_files(folder, files, verify_checksums)
+
+    return ModelSpec(
+        path=folder,
+        n_layer=arch["n_layer"],
+        n_head=arch["n_head"],
+        n_embd=arch["n_embd"],
+        n_positions=arch["n_positions"],
+        vocab_size=arch["vocab_size"],
+        eos_token_id=arch["eos_token_id"],
+        input_names=tuple(io["inputs"]),
+        output_names=tuple(io["outputs"]),
+        precision=str((manifest.get("precision") or {}).get("weights", "unknown")),
+        manifest=manifest,
+    )
+
+
+def _check_files(folder: Path, files: dict[str, Any], verify_checksums: bool) -> None:
+    fix = "re-export the model, or restore the folder from where you got it"
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise ModelFolderError(f"{path} is missing ({fix})")
+        size = path.stat().st_size
+        if size != entry.get("bytes"):
+            raise ModelFolderError(
+                f"{path} has {size} bytes, the manifest says {entry.get('bytes')}: the file was altered ({fix})"
+            )
+        if verify_checksums and sha256_file(path) != entry.get("sha256"):
+            raise ModelFolderError(f"{path} does not match its sha256 in the manifest: the file was altered ({fix})")
