@@ -1,0 +1,104 @@
+"""`dialogpt-edge generate`, driven through the real entry point."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from conftest import EOS, gpt2_tokenizer, run_env
+from dialogpt_edge.runtime.cli import main
+
+
+def cli(*args: str, env=None) -> subprocess.CompletedProcess:
+    exe = shutil.which("dialogpt-edge")
+    cmd = [exe] if exe else [sys.executable, "-m", "dialogpt_edge.runtime"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env or run_env(), timeout=300)
+
+
+def test_console_script_is_installed():
+    assert shutil.which("dialogpt-edge"), "pip install should put dialogpt-edge on PATH"
+
+
+def test_generate_json_reproduces_transformers(tiny_model, tiny_checkpoint):
+    prompt = "Hello, how are you?"
+    proc = cli("generate", "--model", str(tiny_model), "--prompt", prompt, "--max-new-tokens", "24", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+
+    tok = gpt2_tokenizer()
+    ids = tok.encode(prompt) + [EOS]
+    model = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24, eos_token_id=EOS, pad_token_id=EOS,
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    expected = [t for t in out[0, len(ids):].tolist()]
+    expected = expected[:-1] if expected[-1] == EOS else expected
+    assert result["ids"] == expected
+    assert result["text"] == tok.decode(expected)
+    assert result["prompt_tokens"] == len(ids)
+    assert result["ttft_ms"] > 0 and result["decode_ms_per_token"] > 0
+
+
+def test_generate_prints_the_continuation(tiny_model):
+    as_json = json.loads(cli("generate", "-m", str(tiny_model), "--prompt", "Hi", "--max-new-tokens", "8", "--json").stdout)
+    proc = cli("generate", "-m", str(tiny_model), "--prompt", "Hi", "--max-new-tokens", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == as_json["text"] + "\n"
+
+
+def test_model_from_environment(tiny_model):
+    proc = cli("generate", "--prompt", "Hi", "--max-new-tokens", "2", "--json", env=dict(run_env(), DIALOGPT_EDGE_MODEL=str(tiny_model)))
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["ids"]) == 2
+
+
+def test_zero_new_tokens(tiny_model, capsys):
+    assert main(["generate", "-m", str(tiny_model), "--prompt", "Hi", "--max-new-tokens", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ids"] == []
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["generate", "--prompt", "Hi"], "no model given"),
+        (["generate", "--model", "/nonexistent/model", "--prompt", "Hi"], "does not exist"),
+    ],
+)
+def test_errors_are_one_line(args, fragment):
+    proc = cli(*args)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: ") and fragment in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_context_overflow_is_a_clear_error(tiny_model, capsys):
+    long_prompt = "word " * 1100
+    assert main(["generate", "-m", str(tiny_model), "--prompt", long_prompt, "--max-new-tokens", "4"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "1024 positions" in err
+
+
+def test_usage_errors_exit_2():
+    assert cli("generate", "--prompt", "Hi", "--max-new-tokens", "-3").returncode == 2
+    assert cli("frobnicate").returncode == 2
+
+
+def test_export_without_the_extra_names_the_fix(monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_optimum(name, *args, **kwargs):
+        if name.startswith("dialogpt_edge.export"):
+            raise ModuleNotFoundError("No module named 'optimum'", name="optimum")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_optimum)
+    assert main(["export", "some/model", "--output", "x"]) == 1
+    assert "pip install 'dialogpt-edge[export]'" in capsys.readouterr().err

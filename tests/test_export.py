@@ -1,0 +1,155 @@
+"""export: the folder it writes, and every refusal, each as one line with nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from conftest import run_env
+from dialogpt_edge.runtime.manifest import sha256_file
+
+
+def export_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dialogpt_edge.runtime", "export", *args],
+        capture_output=True, text=True, env=run_env(), timeout=600,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert proc.returncode == 1, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".partial" in p.name or ".old-" in p.name]
+
+
+def test_manifest_describes_the_folder(tiny_model, tiny_checkpoint):
+    manifest = json.loads((tiny_model / "manifest.json").read_text())
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    arch = manifest["architecture"]
+    for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "eos_token_id"):
+        assert arch[key] == config[key], key
+    assert set(manifest["files"]) == {"model.onnx", "tokenizer.json"}
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == sha256_file(tiny_model / name)
+        assert entry["bytes"] == (tiny_model / name).stat().st_size
+    graph = onnx.load(str(tiny_model / "model.onnx"), load_external_data=False).graph
+    assert manifest["io"]["inputs"] == [i.name for i in graph.input]
+    assert manifest["io"]["outputs"] == [o.name for o in graph.output]
+    assert "past_key_values.1.value" in manifest["io"]["inputs"]
+    assert "present.1.value" in manifest["io"]["outputs"]
+    fidelity = manifest["fidelity"]
+    assert fidelity["greedy_ids_equal"] is True
+    assert fidelity["max_abs_logit_diff"] < 1e-4
+    for dist in ("torch", "transformers", "onnxruntime", "optimum-onnx"):
+        assert manifest["versions"][dist]
+
+
+def test_tied_embedding_is_stored_once(tiny_model, tiny_checkpoint):
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_checkpoint / "model.safetensors"), "np") as f:
+        params = sum(f.get_tensor(k).size for k in f.keys() if not k.endswith("attn.bias"))
+    wte = 50257 * 64
+    size = (tiny_model / "model.onnx").stat().st_size
+    # every weight once (lm_head shares wte) plus small graph overhead; twice would add 12.9 MB
+    assert size < 4 * params + 4 * wte * 0.1, (size, params)
+
+
+def test_export_cli_end_to_end_then_generate(tiny_checkpoint, tmp_path):
+    out = tmp_path / "exported"
+    proc = export_cli(str(tiny_checkpoint), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "[3/5] verifying against PyTorch" in proc.stderr
+    assert (out / "manifest.json").is_file()
+    assert leftovers(tmp_path) == []
+
+
+def test_existing_output_is_refused_without_force(tiny_checkpoint, model_copy):
+    before = sha256_file(model_copy / "manifest.json")
+    err = assert_one_line_error(export_cli(str(tiny_checkpoint), "--output", str(model_copy)), "already exists", "--force")
+    assert str(model_copy) in err
+    assert sha256_file(model_copy / "manifest.json") == before
+
+
+def test_force_replaces_a_model_folder(tiny_checkpoint, model_copy):
+    (model_copy / "stale.txt").write_text("from an older export")
+    proc = export_cli(str(tiny_checkpoint), "--output", str(model_copy), "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert not (model_copy / "stale.txt").exists()
+    assert leftovers(model_copy.parent) == []
+
+
+def test_force_never_replaces_a_folder_that_is_not_a_model(tiny_checkpoint, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    assert_one_line_error(
+        export_cli(str(tiny_checkpoint), "--output", str(precious), "--force"), "refusing to replace", "not a dialogpt-edge model folder"
+    )
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_missing_source(tmp_path):
+    assert_one_line_error(export_cli(str(tmp_path / "nope" / "ckpt"), "--output", str(tmp_path / "out")), "no such folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_hub_id(tmp_path):
+    err = assert_one_line_error(export_cli("microsoft/DialoGPT-small", "--output", str(tmp_path / "out")), "microsoft/DialoGPT-small", "hub")
+    assert "local checkpoint folder" in err
+    assert leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(export_cli(str(tmp_path / "empty"), "--output", str(tmp_path / "out")), "no config.json")
+
+
+@pytest.mark.parametrize(
+    "config, found",
+    [
+        ({"model_type": "bert", "architectures": ["BertForMaskedLM"]}, "model_type 'bert'"),
+        ({"model_type": "gpt2", "architectures": ["GPT2ForSequenceClassification"]}, "GPT2ForSequenceClassification"),
+        ({"model_type": "gpt_neo", "architectures": ["GPTNeoForCausalLM"]}, "model_type 'gpt_neo'"),
+    ],
+)
+def test_not_a_gpt2_causal_lm(tmp_path, config, found):
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(config))
+    err = assert_one_line_error(export_cli(str(src), "--output", str(tmp_path / "out")), "not a GPT-2-architecture causal LM", found)
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_without_tokenizer(tiny_checkpoint, tmp_path):
+    src = tmp_path / "no_tok"
+    src.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        (src / name).write_bytes((tiny_checkpoint / name).read_bytes())
+    assert_one_line_error(export_cli(str(src), "--output", str(tmp_path / "out")), "tokenizer")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_failed_parity_leaves_nothing_behind(tiny_checkpoint, tmp_path, monkeypatch):
+    from dialogpt_edge.export import pipeline, verify
+    from dialogpt_edge.runtime.errors import UserError
+
+    monkeypatch.setattr(verify, "LOGIT_ATOL", 0.0)
+    monkeypatch.setattr(verify, "LOGIT_RTOL", 0.0)
+    with pytest.raises(verify.ParityError, match="differ from PyTorch"):
+        pipeline.export_model(str(tiny_checkpoint), tmp_path / "out")
+    assert issubclass(verify.ParityError, UserError)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,74 @@
+"""The runtime refuses anything but a complete, unaltered model folder, in one line naming the problem."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dialogpt_edge.runtime import ModelFolderError, load
+
+
+def test_valid_folder_loads(tiny_model):
+    spec = load(tiny_model)
+    assert (spec.n_layer, spec.n_head, spec.head_dim, spec.eos_token_id) == (2, 4, 16, 50256)
+
+
+def refusal(folder) -> str:
+    with pytest.raises(ModelFolderError) as info:
+        load(folder)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_folder(tmp_path):
+    assert "does not exist" in refusal(tmp_path / "nope")
+
+
+def test_missing_manifest(model_copy):
+    (model_copy / "manifest.json").unlink()
+    assert "manifest.json is missing" in refusal(model_copy)
+
+
+def test_missing_model_file(model_copy):
+    (model_copy / "model.onnx").unlink()
+    message = refusal(model_copy)
+    assert "model.onnx" in message and "missing" in message
+
+
+def test_altered_file_same_size(model_copy):
+    path = model_copy / "tokenizer.json"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    message = refusal(model_copy)
+    assert "tokenizer.json" in message and "sha256" in message
+
+
+def test_truncated_file(model_copy):
+    path = model_copy / "model.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+    message = refusal(model_copy)
+    assert "model.onnx" in message and "bytes" in message
+
+
+def test_manifest_not_json(model_copy):
+    (model_copy / "manifest.json").write_text("{not json")
+    assert "not valid JSON" in refusal(model_copy)
+
+
+def test_unknown_format_version(model_copy):
+    path = model_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["format_version"] = 99
+    path.write_text(json.dumps(manifest))
+    assert "format_version 99" in refusal(model_copy)
+
+
+def test_manifest_without_architecture(model_copy):
+    path = model_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["architecture"]["n_head"]
+    path.write_text(json.dumps(manifest))
+    assert "n_head" in refusal(model_copy)

@@ -1,0 +1,33 @@
+"""Tokenizer wrapper and the UTF-8-safe text stream."""
+
+from __future__ import annotations
+
+from conftest import EOS, gpt2_tokenizer
+from dialogpt_edge.runtime import TextStream, Tokenizer, load
+
+
+def tokenizer(tiny_model) -> Tokenizer:
+    spec = load(tiny_model)
+    return Tokenizer(spec.tokenizer_path, spec.eos_token_id)
+
+
+def test_encoding_matches_gpt2(tiny_model):
+    tok = tokenizer(tiny_model)
+    reference = gpt2_tokenizer()
+    for text in ["Hello, how are you?", "Ça va? 今日は 🙂", "  two  spaces\n"]:
+        assert tok.encode(text) == reference.encode(text)
+        assert tok.encode_turn(text) == reference.encode(text) + [EOS]
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_stream_never_splits_a_character(tiny_model):
+    tok = tokenizer(tiny_model)
+    text = "Nice 🙂 and 今日は too"
+    ids = tok.encode(text)
+    stream = TextStream(tok)
+    chunks = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(chunks) == text
+    assert all("\ufffd" not in c for c in chunks)
+    # the emoji is byte-level split over several tokens yet arrives as one chunk
+    assert len(tok.encode("🙂")) > 1
+    assert any("🙂" in c for c in chunks)
