@@ -1,24 +1,29 @@
 """dialogpt-edge runtime: DialoGPT decoding on onnxruntime + numpy + tokenizers, nothing heavier."""
 
+from .chat import Chat
 from .errors import ContextLengthError, ModelFolderError, UserError
-from .generate import generate, greedy_token
+from .generate import generate
 from .kv_cache import KVCache
 from .manifest import ModelSpec, load
+from .sampling import SamplingConfig, SamplingConfigError, sample
 from .session import Session
 from .tokenizer import TextStream, Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Chat",
     "ContextLengthError",
     "KVCache",
     "ModelFolderError",
     "ModelSpec",
+    "SamplingConfig",
+    "SamplingConfigError",
     "Session",
     "TextStream",
     "Tokenizer",
     "UserError",
     "generate",
-    "greedy_token",
     "load",
+    "sample",
 ]

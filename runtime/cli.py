@@ -12,7 +12,9 @@ import sys
 import time
 import traceback
 
+from .chat import DEFAULT_HISTORY_TOKENS
 from .errors import UserError
+from .sampling import SamplingConfig, SamplingConfigError
 
 MODEL_ENV = "DIALOGPT_EDGE_MODEL"
 
@@ -55,6 +57,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object with ids, text and timings")
     gen.set_defaults(handler=_cmd_generate)
 
+    chat = sub.add_parser(
+        "chat",
+        help="talk to the model: interactive on a terminal, one reply line per input line when piped",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_model_arg(chat)
+    defaults = SamplingConfig()
+    chat.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
+    chat.add_argument("--top-k", type=_top_k, default=defaults.top_k, help="keep the k most likely tokens ('none' = off)")
+    chat.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus mass to keep (1 = off)")
+    chat.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty, help="1 = off")
+    chat.add_argument("--no-repeat-ngram-size", type=int, default=defaults.no_repeat_ngram_size, help="0 = off")
+    chat.add_argument("--penalize-history", action="store_true",
+                      help="apply the repetition penalty to the whole history, not only the bot's own words")
+    chat.add_argument("--min-new-tokens", type=int, default=defaults.min_new_tokens, help="eos is banned before this many")
+    chat.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="longest reply, in tokens")
+    chat.add_argument("--history-tokens", type=int, default=DEFAULT_HISTORY_TOKENS,
+                      help="history budget; whole old turns are dropped beyond it")
+    chat.add_argument("--seed", type=int, default=None, help="make the conversation reproducible")
+    chat.add_argument("--raw", action="store_true", help="show replies as generated (no punctuation tidying)")
+    chat.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    chat.set_defaults(handler=_cmd_chat)
+
     exp = sub.add_parser(
         "export",
         help="convert a DialoGPT checkpoint (hub id or local folder) to a model folder",
@@ -65,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--force", action="store_true", help="replace an existing output folder")
     exp.set_defaults(handler=_cmd_export)
     return parser
+
+
+def _top_k(text: str) -> int | None:
+    if text.strip().lower() in ("none", "off"):
+        return None
+    return int(text)
 
 
 def _require_model(args) -> str:
@@ -114,6 +145,37 @@ def _cmd_generate(args) -> int:
     else:
         sys.stdout.write(stream.flush() + "\n")
     return 0
+
+
+def _sampling_config(args) -> SamplingConfig:
+    try:
+        return SamplingConfig(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
+            min_new_tokens=args.min_new_tokens,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+        )
+    except SamplingConfigError as e:
+        raise _as_flag_error(e) from None
+
+
+def _as_flag_error(e: SamplingConfigError) -> UserError:
+    """Name the flag the user typed, not the field."""
+    return UserError(str(e).replace(e.field, "--" + e.field.replace("_", "-"), 1))
+
+
+def _cmd_chat(args) -> int:
+    from .chat_cli import run_chat
+
+    config = _sampling_config(args)
+    try:
+        return run_chat(args, _require_model(args), config)
+    except SamplingConfigError as e:
+        raise _as_flag_error(e) from None
 
 
 def _cmd_export(args) -> int:

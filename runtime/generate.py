@@ -2,51 +2,59 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from .kv_cache import KVCache
+from .sampling import SamplingConfig, sample
 from .session import Session
-
-
-def greedy_token(logits: np.ndarray, banned: int | None = None) -> int:
-    """argmax, optionally with one token (eos, before min_new_tokens) excluded."""
-    if banned is None:
-        return int(np.argmax(logits))
-    saved = logits[banned]
-    logits[banned] = -np.inf
-    token = int(np.argmax(logits))
-    logits[banned] = saved
-    return token
 
 
 def generate(
     session: Session,
-    prompt_ids: list[int],
+    prompt_ids: Sequence[int],
+    config: SamplingConfig | None = None,
     *,
-    max_new_tokens: int,
-    min_new_tokens: int = 0,
+    rng: np.random.Generator | None = None,
     cache: KVCache | None = None,
-    stop_at_eos: bool = True,
+    history: Sequence[int] | None = None,
+    max_new_tokens: int | None = None,
+    min_new_tokens: int | None = None,
 ) -> Iterator[int]:
-    """Greedy decoding. Yields new token ids; the eos that ends a reply is not yielded.
+    """Yield new token ids; the eos that ends a reply is not yielded.
 
-    `cache` (if given) already holds the positions before `prompt_ids`, and is left
-    holding everything fed to the model; the last yielded token is not fed (no
-    step is wasted on a token whose logits nobody reads).
+    `config` defaults to greedy. `cache` (if given) already holds the positions before
+    `prompt_ids` and is left holding everything fed; the last yielded token is not fed
+    (no step is spent on logits nobody reads). `history` is what the repetition
+    penalty and the no-repeat n-gram ban look back on before this reply (default:
+    `prompt_ids`, as transformers does); the reply's own tokens are added as they come.
+    `max_new_tokens` / `min_new_tokens` override the config's.
     """
-    if max_new_tokens < 0 or min_new_tokens < 0:
+    config = config or SamplingConfig.greedy()
+    max_new = config.max_new_tokens if max_new_tokens is None else max_new_tokens
+    min_new = config.min_new_tokens if min_new_tokens is None else min_new_tokens
+    if max_new < 0 or min_new < 0:
         raise ValueError("max_new_tokens and min_new_tokens must be >= 0")
-    if max_new_tokens == 0:
+    if max_new == 0:
         return
+    if rng is None:
+        rng = np.random.default_rng(config.seed)
     eos = session.spec.eos_token_id
     cache = cache if cache is not None else session.new_cache()
+    seen = list(prompt_ids if history is None else history)
+    plain_greedy = config.is_greedy and config.repetition_penalty == 1.0 and not config.no_repeat_ngram_size
+
     logits = session.prefill(prompt_ids, cache)
-    for n in range(max_new_tokens):
-        token = greedy_token(logits, banned=eos if n < min_new_tokens else None)
-        if stop_at_eos and token == eos:
+    for n in range(max_new):
+        ban = eos if n < min_new else None
+        if plain_greedy and ban is None:
+            token = int(np.argmax(logits))  # the fast path: nothing to filter
+        else:
+            token = sample(logits, config, rng, penalty_ids=seen, ngram_ids=seen, ban=ban)
+        if token == eos:
             return
         yield token
-        if n + 1 < max_new_tokens:
+        seen.append(token)
+        if n + 1 < max_new:
             logits = session.decode_step(token, cache)

@@ -1,0 +1,192 @@
+"""Pure filters on one logits vector, and sample(): penalties, bans, temperature, top-k, top-p, a seeded draw.
+
+Filters take a float32 vector and return a filtered copy (removed tokens set to -inf);
+they keep no state. Each matches the transformers logits processor of the same name
+(tests/test_sampling.py checks the kept sets against them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from .errors import UserError
+
+
+class SamplingConfigError(UserError):
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each next token. temperature 0 means greedy (argmax after penalties and bans).
+
+    The defaults suit DialoGPT chat: sampled replies, mildly cooled, with the
+    repetition guards its authors recommend (greedy DialoGPT repeats itself).
+    """
+
+    temperature: float = 0.8
+    top_k: int | None = 50  # None: no top-k filter
+    top_p: float = 0.9  # 1.0: no nucleus filter
+    repetition_penalty: float = 1.2  # 1.0: off; >1 discourages tokens already said
+    no_repeat_ngram_size: int = 3  # 0: off
+    min_new_tokens: int = 1  # eos is banned until this many tokens: no empty replies
+    max_new_tokens: int = 64
+    seed: int | None = None  # None: a fresh seed per session
+
+    def __post_init__(self):
+        def bad(name: str, rule: str):
+            raise SamplingConfigError(name, f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0 or self.temperature == float("inf"):
+            bad("temperature", "a finite number >= 0 (0 = greedy)")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            bad("top_k", "an integer >= 1 (or none for no top-k)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            bad("top_p", "in (0, 1] (1 = no nucleus filter)")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty < float("inf"):
+            bad("repetition_penalty", "a finite number > 0 (1 = off)")
+        if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
+            bad("no_repeat_ngram_size", "an integer >= 0 (0 = off)")
+        if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+            bad("min_new_tokens", "an integer >= 0")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            bad("max_new_tokens", "an integer >= 0")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", "an integer")
+
+    @classmethod
+    def greedy(cls, **overrides) -> "SamplingConfig":
+        """Plain argmax decoding, as transformers' generate(do_sample=False) with no processors."""
+        base = dict(temperature=0.0, top_k=None, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
+        return cls(**{**base, **overrides})
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    def replace(self, **changes) -> "SamplingConfig":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return SamplingConfig(**{**values, **changes})
+
+
+def apply_repetition_penalty(logits: np.ndarray, token_ids: Sequence[int], penalty: float) -> np.ndarray:
+    """CTRL's penalty: a seen token's logit is divided by `penalty` if positive, multiplied if negative."""
+    out = np.array(logits, dtype=np.float32, copy=True)
+    if penalty == 1.0 or len(token_ids) == 0:
+        return out
+    seen = np.unique(np.asarray(token_ids, dtype=np.int64))
+    values = out[seen]
+    out[seen] = np.where(values < 0, values * penalty, values / penalty)
+    return out
+
+
+def banned_ngram_tokens(token_ids: Sequence[int], n: int) -> set[int]:
+    """Tokens that would complete an n-gram already present in `token_ids`."""
+    if n <= 0 or len(token_ids) + 1 < n:
+        return set()
+    ids = list(token_ids)
+    prefix = tuple(ids[len(ids) - n + 1 :]) if n > 1 else ()
+    banned = set()
+    for i in range(len(ids) - n + 1):
+        if tuple(ids[i : i + n - 1]) == prefix:
+            banned.add(ids[i + n - 1])
+    return banned
+
+
+def apply_no_repeat_ngram(logits: np.ndarray, token_ids: Sequence[int], n: int) -> np.ndarray:
+    out = np.array(logits, dtype=np.float32, copy=True)
+    banned = banned_ngram_tokens(token_ids, n)
+    if banned:
+        out[list(banned)] = -np.inf
+    return out
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 to scale logits (0 means greedy: use argmax)")
+    return np.asarray(logits, dtype=np.float32) / np.float32(temperature)
+
+
+def apply_top_k(logits: np.ndarray, k: int | None) -> np.ndarray:
+    """Keep the k largest logits, and any tied with the k-th."""
+    out = np.array(logits, dtype=np.float32, copy=True)
+    if k is None or k >= out.size:
+        return out
+    kth = np.partition(out, out.size - k)[out.size - k]
+    out[out < kth] = -np.inf
+    return out
+
+
+def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep the smallest set of most likely tokens whose probability mass reaches p (at least one token)."""
+    out = np.array(logits, dtype=np.float32, copy=True)
+    if p >= 1.0:
+        return out
+    candidates = np.flatnonzero(np.isfinite(out))  # only what earlier filters kept: cheap after top-k
+    values = out[candidates]
+    order = np.argsort(values, kind="stable")  # ascending, as transformers sorts
+    probs = _softmax(values[order])
+    cumulative = np.cumsum(probs)
+    remove = cumulative <= (1 - p)
+    remove[-1] = False  # keep at least the most likely token
+    out[candidates[order[remove]]] = -np.inf
+    return out
+
+
+def ban_token(logits: np.ndarray, token_id: int) -> np.ndarray:
+    out = np.array(logits, dtype=np.float32, copy=True)
+    out[token_id] = -np.inf
+    return out
+
+
+def filtered_logits(
+    logits: np.ndarray,
+    config: SamplingConfig,
+    *,
+    penalty_ids: Sequence[int] = (),
+    ngram_ids: Sequence[int] = (),
+    ban: int | None = None,
+) -> np.ndarray:
+    """Every filter of `config` in transformers' order; sample() draws from softmax of this."""
+    x = apply_repetition_penalty(logits, penalty_ids, config.repetition_penalty)
+    if config.no_repeat_ngram_size:
+        x = apply_no_repeat_ngram(x, ngram_ids, config.no_repeat_ngram_size)
+    if ban is not None:
+        x[ban] = -np.inf
+    if config.is_greedy:
+        return x
+    x = apply_temperature(x, config.temperature)
+    x = apply_top_k(x, config.top_k)
+    return apply_top_p(x, config.top_p)
+
+
+def sample(
+    logits: np.ndarray,
+    config: SamplingConfig,
+    rng: np.random.Generator,
+    *,
+    penalty_ids: Sequence[int] = (),
+    ngram_ids: Sequence[int] = (),
+    ban: int | None = None,
+) -> int:
+    """Pick one token. Same logits, config, ids and generator state give the same token."""
+    x = filtered_logits(logits, config, penalty_ids=penalty_ids, ngram_ids=ngram_ids, ban=ban)
+    if config.is_greedy:
+        return int(np.argmax(x))
+    kept = np.flatnonzero(np.isfinite(x))
+    if kept.size == 0:  # every token banned: fall back to the unfiltered argmax
+        return int(np.argmax(logits))
+    probs = _softmax(x[kept])
+    cumulative = np.cumsum(probs, dtype=np.float64)
+    index = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+    return int(kept[min(index, kept.size - 1)])
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = np.exp(x.astype(np.float64) - np.max(x))
+    return z / z.sum()

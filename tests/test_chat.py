@@ -1,0 +1,144 @@
+"""Chat: DialoGPT's turn format, the cross-turn cache, budget trimming, the repetition guard, tidying."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from conftest import EOS, gpt2_tokenizer
+from dialogpt_edge.runtime import Chat, SamplingConfig, Session, Tokenizer, load
+from dialogpt_edge.runtime import chat as chat_module
+from dialogpt_edge.runtime.tidy import TidyStream, tidy
+
+MESSAGES = ["Hi there!", "How was your weekend?", "I went hiking. Do you like hiking?", "Where do you live?", "Nice talking to you."]
+GREEDY = SamplingConfig.greedy(max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model, tiny_checkpoint):
+    spec = load(tiny_model)
+    session = Session(spec, threads=1)
+    tokenizer = Tokenizer(spec.tokenizer_path, spec.eos_token_id)
+    model = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+    return session, tokenizer, model
+
+
+def hf_reply(model, context: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([context]), attention_mask=torch.ones(1, len(context), dtype=torch.long),
+                             do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=EOS, pad_token_id=EOS)
+    new = out[0, len(context):].tolist()
+    return new[:-1] if new and new[-1] == EOS else new
+
+
+def test_multi_turn_equals_fresh_generation_on_the_full_history(parts):
+    session, tokenizer, model = parts
+    chat = Chat(session, tokenizer, GREEDY)
+    ref = gpt2_tokenizer()
+    history: list[int] = []
+    for message in MESSAGES:
+        reply = list(chat.respond(message))
+        history += ref.encode(message) + [EOS]
+        assert reply == hf_reply(model, history, 12)
+        history += reply + [EOS]
+        assert chat.context_ids() == history  # every turn, user's and bot's, ends with eos
+    # the cache is kept: after the first turn only the new tokens are prefilled
+    # (the last reply token, which was never fed, its eos, and the user's turn)
+    expected = [len(ref.encode(MESSAGES[0])) + 1] + [2 + len(ref.encode(m)) + 1 for m in MESSAGES[1:]]
+    assert chat.stats.prefill_tokens == expected
+    assert chat.stats.rebuilds == 0
+
+
+def test_budget_drops_whole_old_turns_and_rebuilds_the_cache(parts):
+    session, tokenizer, model = parts
+    chat = Chat(session, tokenizer, GREEDY, history_tokens=40)
+    for message in MESSAGES:
+        reply = list(chat.respond(message))
+        context = chat.context_ids()[: -(len(reply) + 1)]  # what the reply was generated from
+        assert len(context) <= 40
+        assert context[-1] == EOS and chat.turns[0].speaker in ("user", "bot")
+        assert reply == hf_reply(model, context, 12)
+    assert chat.stats.rebuilds >= 1
+    assert sum(len(t.ids) for t in chat.turns[:-1]) <= 40
+
+
+def test_reset_forgets_the_conversation(parts):
+    session, tokenizer, model = parts
+    chat = Chat(session, tokenizer, GREEDY)
+    list(chat.respond(MESSAGES[0]))
+    chat.reset()
+    reply = list(chat.respond(MESSAGES[1]))
+    context = gpt2_tokenizer().encode(MESSAGES[1]) + [EOS]
+    assert chat.stats.prefill_tokens[-1] == len(context)
+    assert reply == hf_reply(model, context, 12)
+
+
+def test_a_stopped_reply_keeps_what_was_shown(parts):
+    session, tokenizer, model = parts
+    chat = Chat(session, tokenizer, GREEDY)
+    stream = chat.respond(MESSAGES[0])
+    shown = [next(stream), next(stream)]
+    stream.close()  # what Ctrl-C does
+    assert chat.turns[-1].ids == shown + [EOS]
+    reply = list(chat.respond(MESSAGES[1]))
+    assert reply == hf_reply(model, chat.context_ids()[: -(len(reply) + 1)], 12)
+
+
+def test_a_repeated_reply_is_regenerated_unseen(parts, monkeypatch):
+    session, tokenizer, _ = parts
+    scripts = [[100, 101, 102], [100, 101, 102], [200, 201]]
+    configs = []
+
+    def scripted_generate(session, feed, config, *, cache, **_):
+        configs.append(config)
+        session.prefill(feed, cache)
+        script = scripts.pop(0)
+        for i, token in enumerate(script):
+            yield token
+            if i + 1 < len(script):
+                session.decode_step(token, cache)
+
+    monkeypatch.setattr(chat_module, "generate", scripted_generate)
+    chat = Chat(session, tokenizer, SamplingConfig(seed=0))
+    assert list(chat.respond("Hi")) == [100, 101, 102]
+    assert list(chat.respond("Hi")) == [200, 201]  # the copy of the first reply was never shown
+    assert chat.stats.regenerations == 1
+    assert configs[2].repetition_penalty > configs[1].repetition_penalty
+    assert chat.turns[-1].ids == [200, 201, EOS]
+    assert chat.context_ids() == [i for t in chat.turns for i in t.ids]
+
+
+def test_history_budget_must_fit_the_positions(parts):
+    session, tokenizer, _ = parts
+    with pytest.raises(Exception, match="history_tokens must be between 1 and 960"):
+        Chat(session, tokenizer, SamplingConfig(max_new_tokens=64), history_tokens=1000)
+
+
+def test_seeded_sampled_chats_are_reproducible(parts):
+    session, tokenizer, _ = parts
+
+    def conversation(seed):
+        chat = Chat(session, tokenizer, SamplingConfig(seed=seed, max_new_tokens=10))
+        return [chat.reply(m) for m in MESSAGES[:3]]
+
+    assert conversation(5) == conversation(5)
+    assert conversation(5) != conversation(6)
+
+
+@pytest.mark.parametrize(
+    "raw, tidied",
+    [
+        ("it . I don 't know , really !", "it. I don't know, really!"),
+        ("i do n't think so ... maybe ?", "i don't think so... maybe?"),
+        ("I 'm fine , you ?", "I'm fine, you?"),
+        ("what's up :)", "what's up :)"),
+        ("3.5 % of U.S. voters", "3.5% of U.S. voters"),
+    ],
+)
+def test_tidy(raw, tidied):
+    assert tidy(raw) == tidied
+    stream = TidyStream()
+    words = raw.split(" ")
+    chunks = [stream.push(w if i == 0 else " " + w) for i, w in enumerate(words)] + [stream.flush()]
+    assert "".join(chunks) == tidied

@@ -1,0 +1,83 @@
+"""`dialogpt-edge chat` through the real entry point: piped stdin, and a terminal under pexpect."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pexpect
+import pytest
+
+from conftest import run_env
+
+
+def chat_cmd(model, *extra: str) -> list[str]:
+    return [shutil.which("dialogpt-edge"), "chat", "--model", str(model), *extra]
+
+
+def test_piped_input_gives_one_reply_line_per_line(tiny_model):
+    proc = subprocess.run(chat_cmd(tiny_model, "--seed", "0", "--max-new-tokens", "12"), input="Hi\nHow are you?\n",
+                          capture_output=True, text=True, env=run_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split("\n")
+    assert lines[-1] == "" and len(lines) == 3, proc.stdout
+    assert all(line.strip() for line in lines[:2])
+
+
+def test_piped_chat_is_reproducible_with_a_seed(tiny_model):
+    run = lambda seed: subprocess.run(chat_cmd(tiny_model, "--seed", str(seed), "--max-new-tokens", "8"), input="Hi\nAnd you?\n",
+                                      capture_output=True, text=True, env=run_env(), timeout=120).stdout
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--top-k", "0"], "--top-k must be an integer >= 1"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--temperature", "-1"], "--temperature must be"),
+        (["--history-tokens", "2000"], "--history-tokens must be between 1 and 960"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(tiny_model, flags, message):
+    proc = subprocess.run(chat_cmd(tiny_model, *flags), input="Hi\n", capture_output=True, text=True, env=run_env(), timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: ") and message in proc.stderr
+
+
+def test_interactive_session(tiny_model):
+    # a long budget for replies, so that Ctrl-C lands while one is still streaming
+    child = pexpect.spawn(
+        chat_cmd(tiny_model, "--seed", "0", "--history-tokens", "24", "--max-new-tokens", "990")[0],
+        chat_cmd(tiny_model, "--seed", "0", "--history-tokens", "24", "--max-new-tokens", "990")[1:],
+        env=run_env(), encoding="utf-8", timeout=60, dimensions=(40, 2000),
+    )
+    try:
+        child.expect("/reset clears the history")
+        child.expect("you> ")
+        child.sendline("Hello there")
+        child.expect("bot> ")
+        child.expect(r"\S")  # the reply has started streaming
+        child.sendintr()  # Ctrl-C stops this reply only
+        child.expect(r"\[stopped\]")
+        child.expect("you> ")
+        child.sendline("/reset")
+        child.expect(r"\(history cleared\)")
+        child.expect("you> ")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before
+
+
+def test_ctrl_d_ends_the_session(tiny_model):
+    cmd = chat_cmd(tiny_model)
+    child = pexpect.spawn(cmd[0], cmd[1:], env=run_env(), encoding="utf-8", timeout=60)
+    child.expect("you> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

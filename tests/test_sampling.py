@@ -1,0 +1,164 @@
+"""The samplers: properties, equality with transformers' logits processors, seeded draws, a chi-square test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+from transformers.generation.logits_process import (
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from dialogpt_edge.runtime.sampling import (
+    SamplingConfig,
+    SamplingConfigError,
+    apply_no_repeat_ngram,
+    apply_repetition_penalty,
+    apply_temperature,
+    apply_top_k,
+    apply_top_p,
+    filtered_logits,
+    sample,
+)
+
+VOCAB = 200
+seeds = st.integers(0, 2**32 - 1)
+
+
+def random_logits(seed: int, scale: float = 3.0) -> np.ndarray:
+    # continuous draws: no ties, whose order transformers leaves unspecified
+    return (np.random.default_rng(seed).standard_normal(VOCAB) * scale).astype(np.float32)
+
+
+def hf(processor, logits: np.ndarray, ids=()) -> np.ndarray:
+    input_ids = torch.tensor([list(ids) or [0]], dtype=torch.long)
+    return processor(input_ids, torch.from_numpy(logits.copy())[None])[0].numpy()
+
+
+def kept(x: np.ndarray) -> set[int]:
+    return set(np.flatnonzero(np.isfinite(x)).tolist())
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=seeds, k=st.integers(1, VOCAB + 5))
+def test_top_k_equals_transformers(seed, k):
+    logits = random_logits(seed)
+    ours = apply_top_k(logits, k)
+    assert kept(ours) == kept(hf(TopKLogitsWarper(k), logits))
+    assert len(kept(ours)) == min(k, VOCAB)
+    assert np.all(ours[list(kept(ours))] >= np.max(ours[~np.isfinite(ours)], initial=-np.inf))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=seeds, p=st.floats(0.01, 1.0), scale=st.floats(0.1, 10))
+def test_top_p_equals_transformers(seed, p, scale):
+    logits = random_logits(seed, scale)
+    ours = apply_top_p(logits, p)
+    assert kept(ours) == kept(hf(TopPLogitsWarper(p), logits))
+    # the kept set is the smallest most-likely set with mass >= p
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    keep = sorted(kept(ours), key=lambda i: -probs[i])
+    assert probs[keep].sum() >= p - 1e-6 or len(keep) == VOCAB
+    assert probs[keep[:-1]].sum() < p + 1e-6
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, t=st.floats(0.05, 5.0))
+def test_temperature_equals_transformers(seed, t):
+    logits = random_logits(seed)
+    np.testing.assert_allclose(apply_temperature(logits, t), hf(TemperatureLogitsWarper(t), logits), rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, penalty=st.floats(0.5, 3.0), ids=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=30))
+def test_repetition_penalty_equals_transformers(seed, penalty, ids):
+    logits = random_logits(seed)
+    expected = hf(RepetitionPenaltyLogitsProcessor(penalty), logits, ids)
+    np.testing.assert_allclose(apply_repetition_penalty(logits, ids, penalty), expected, rtol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=seeds, n=st.integers(1, 4), ids=st.lists(st.integers(0, 5), min_size=0, max_size=40))
+def test_no_repeat_ngram_equals_transformers(seed, n, ids):
+    logits = random_logits(seed)
+    ours = apply_no_repeat_ngram(logits, ids, n)
+    if ids:
+        assert kept(ours) == kept(hf(NoRepeatNGramLogitsProcessor(n), logits, ids))
+    else:
+        assert kept(ours) == set(range(VOCAB))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds)
+def test_greedy_is_argmax(seed):
+    logits = random_logits(seed)
+    assert sample(logits, SamplingConfig.greedy(), np.random.default_rng(0)) == int(np.argmax(logits))
+
+
+def test_eos_ban_and_filters_compose():
+    logits = random_logits(7)
+    top = int(np.argmax(logits))
+    config = SamplingConfig(temperature=1.0, top_k=1, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    # top-1 after banning the argmax is the runner-up, whatever the draw
+    runner_up = int(np.argsort(logits)[-2])
+    assert {sample(logits, config, np.random.default_rng(s), ban=top) for s in range(20)} == {runner_up}
+
+
+def test_a_seed_reproduces_draws():
+    logits = random_logits(3, scale=1.0)
+    config = SamplingConfig(top_k=None, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, temperature=1.0)
+    draw = lambda seed: [sample(logits, config, rng) for rng in [np.random.default_rng(seed)] for _ in range(50)]
+    assert draw(11) == draw(11)
+    assert draw(11) != draw(12)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SamplingConfig(temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0),
+        SamplingConfig(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.0, no_repeat_ngram_size=0),
+        SamplingConfig(temperature=1.3, top_k=None, top_p=0.8, repetition_penalty=1.3, no_repeat_ngram_size=0),
+    ],
+)
+def test_sampled_frequencies_follow_the_filtered_softmax(config):
+    logits = random_logits(5, scale=1.5)
+    history = [1, 2, 3]
+    filtered = filtered_logits(logits, config, penalty_ids=history)
+    support = np.flatnonzero(np.isfinite(filtered))
+    values = filtered[support].astype(np.float64)
+    probs = np.exp(values - values.max())
+    probs /= probs.sum()
+    rng = np.random.default_rng(2024)
+    n = 40_000
+    draws = [sample(logits, config, rng, penalty_ids=history) for _ in range(n)]
+    assert set(draws) <= set(support.tolist())
+    observed = np.array([np.sum(np.asarray(draws) == t) for t in support])
+    # pool rare tokens so every expected count is >= 5, as the chi-square test requires
+    order = np.argsort(-probs)
+    exp_sorted, obs_sorted = probs[order] * n, observed[order]
+    cut = np.searchsorted(-exp_sorted, -5.0)
+    expected = np.append(exp_sorted[:cut], exp_sorted[cut:].sum()).astype(np.float64)
+    seen = np.append(obs_sorted[:cut], obs_sorted[cut:].sum())
+    if expected[-1] == 0:
+        expected, seen = expected[:-1], seen[:-1]
+    expected = expected * (seen.sum() / expected.sum())  # float rounding only
+    assert stats.chisquare(seen, expected).pvalue > 1e-3
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("temperature", -0.1), ("temperature", float("nan")), ("top_k", 0), ("top_p", 1.5), ("top_p", 0.0),
+     ("repetition_penalty", 0.0), ("no_repeat_ngram_size", -1), ("min_new_tokens", -2), ("max_new_tokens", -1)],
+)
+def test_bad_settings_name_the_field(field, value):
+    with pytest.raises(SamplingConfigError) as info:
+        SamplingConfig(**{field: value})
+    assert str(info.value).startswith(field + " must be")
+    assert info.value.field == field
