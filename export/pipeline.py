@@ -16,7 +16,10 @@ from dialogpt_edge.runtime.errors import UserError
 from dialogpt_edge.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, MODEL_FILE, TOKENIZER_FILE, ModelSpec, write_manifest
 from dialogpt_edge.runtime.session import Session
 
-from . import convert, verify
+from dialogpt_edge.runtime.tokenizer import Tokenizer
+
+from . import convert, fidelity, optimize, verify
+from . import quantize as quantize_mod
 
 
 class Progress:
@@ -72,9 +75,21 @@ def _install(staging: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_model(source: str, output: str | Path, *, force: bool = False) -> Path:
-    """Export, verify and write a model folder; on any failure nothing is left at `output`."""
+def export_model(
+    source: str,
+    output: str | Path,
+    *,
+    force: bool = False,
+    quantize: str = "int8",
+    block_size: int = 32,
+    accuracy_level: int = 4,
+    verify_fidelity: bool = True,
+    fidelity_tokens: int = fidelity.DEFAULT_TOKENS,
+) -> Path:
+    """Export, optimise, verify, quantize and write a model folder; on any failure nothing is left at `output`."""
     started = time.perf_counter()
+    if quantize not in quantize_mod.SCHEMES:
+        raise UserError(f"unknown --quantize {quantize!r} (choose one of: {', '.join(quantize_mod.SCHEMES)})")
     output = Path(output).expanduser().resolve()
     check_output(output, force)
     try:
@@ -82,11 +97,13 @@ def export_model(source: str, output: str | Path, *, force: bool = False) -> Pat
     except OSError as e:
         raise UserError(f"cannot create {output.parent}: {e.strerror} (choose another --output)") from None
 
-    progress = Progress(total=5)
+    quantized = quantize != "none"
+    progress = Progress(total=8 if quantized else 6)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a model folder is not
+    fid = None
     try:
         with convert.quiet_libraries():
             progress.step(f"reading {source}")
@@ -97,22 +114,51 @@ def export_model(source: str, output: str | Path, *, force: bool = False) -> Pat
             progress.step("exporting to ONNX with a KV cache (optimum, task text-generation-with-past)")
             work = staging / "_work"
             work.mkdir()
-            convert.move_into(convert.export_onnx(src, work), staging)
+            raw = convert.export_onnx(src, work)
             tokenizer.backend_tokenizer.save(str(staging / TOKENIZER_FILE))
-            shutil.rmtree(work)
 
-            progress.step("verifying against PyTorch (greedy ids, logits at every position)")
-            spec = _spec_for(staging, src.config, tokenizer)
-            session = Session(spec)
+            progress.step("optimising (onnxruntime transformer fusions for gpt2)")
+            graph, fused = optimize.optimize_gpt2(next(p for p in raw if p.name == MODEL_FILE), src.config.n_head, src.config.n_embd)
+            for p in raw:
+                p.unlink()
+            fp32_dir = work / "fp32"
+            fp32_dir.mkdir()
+            optimize.save_model(graph, fp32_dir / MODEL_FILE)
+
+            progress.step("verifying fp32 against PyTorch (greedy ids, logits at every position)")
+            spec = _spec_for(fp32_dir, src.config, tokenizer)
+            reference = Session(spec)
             prompts = [
                 [i for turn in turns for i in tokenizer.encode(turn) + [spec.eos_token_id]]
                 for turns in verify.VERIFY_TURNS
             ]
-            parity = verify.check_parity(session, model, prompts)
-            del session
+            parity = verify.check_parity(reference, model, prompts)
+            del model
+
+        report = None
+        if quantized:
+            progress.step(f"quantizing weights to {quantize}")
+            report = quantize_mod.quantize(
+                graph, quantize, n_layer=spec.n_layer, block_size=block_size, accuracy_level=accuracy_level
+            )
+            optimize.save_model(graph, staging / MODEL_FILE)
+            del graph
+            if verify_fidelity:
+                progress.step(f"measuring {quantize} fidelity on held-out dialogs")
+                quant = Session(_spec_for(staging, src.config, tokenizer))
+                runtime_tok = Tokenizer(staging / TOKENIZER_FILE, spec.eos_token_id)
+                sequences = fidelity.held_out_sequences(runtime_tok, fidelity_tokens, spec.n_positions)
+                fid = fidelity.measure(reference, quant, sequences)
+                del quant
+        else:
+            del graph
+            for p in fp32_dir.iterdir():
+                p.rename(staging / p.name)
+        del reference
+        shutil.rmtree(work)
 
         progress.step("writing manifest.json")
-        write_manifest(staging, _manifest(spec, src, parity, time.perf_counter() - started))
+        write_manifest(staging, _manifest(spec, src, parity, fused, report, fid, verify_fidelity, time.perf_counter() - started))
         progress.step(f"moving into {output}")
         _install(staging, output)
         progress.done()
@@ -126,11 +172,15 @@ def export_model(source: str, output: str | Path, *, force: bool = False) -> Pat
         progress.done()
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    size_mb = sum(p.stat().st_size for p in output.iterdir() if p.name.startswith(MODEL_FILE)) / 2**20
     print(
-        f"exported {source} -> {output} (max |logit diff| vs PyTorch {parity.max_abs_logit_diff:.1e}, "
-        f"{time.perf_counter() - started:.0f}s)",
+        f"exported {source} -> {output}: {quantize if quantized else 'fp32'}, {size_mb:.1f} MiB, "
+        f"fused {fused or 'nothing'}, fp32 max |logit diff| vs PyTorch {parity.max_abs_logit_diff:.1e}, "
+        f"{time.perf_counter() - started:.0f}s",
         file=sys.stderr,
     )
+    if fid is not None:
+        print(f"{quantize} fidelity against fp32, teacher-forced on held-out dialogs:\n{fid.table(quantize)}", file=sys.stderr)
     return output
 
 
@@ -154,7 +204,8 @@ def _spec_for(folder: Path, config, tokenizer) -> ModelSpec:
     )
 
 
-def _manifest(spec: ModelSpec, src: convert.Source, parity: verify.Parity, seconds: float) -> dict:
+def _manifest(spec, src, parity, fused, report, fid, verify_fidelity: bool, seconds: float) -> dict:
+    weights = report.scheme if report else "fp32"
     return {
         "format_version": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -170,8 +221,17 @@ def _manifest(spec: ModelSpec, src: convert.Source, parity: verify.Parity, secon
             "eos_token_id": spec.eos_token_id,
         },
         "io": {"inputs": list(spec.input_names), "outputs": list(spec.output_names)},
-        "precision": {"weights": "fp32", "activations": "fp32", "kv_cache": "fp32", "quantization": None},
-        "fidelity": {"reference": "pytorch fp32 (transformers, eager attention)", **parity.to_dict()},
+        "precision": {
+            "weights": weights,
+            "activations": "fp32" if not report else ("int8 dynamic (per row)" if weights == "int8" else "int8 (accuracy_level 4)" if report.accuracy_level == 4 else "fp32"),
+            "kv_cache": "fp32",
+            "quantization": report.to_dict() if report else None,
+        },
+        "graph": {"optimizer": "onnxruntime.transformers gpt2, opt_level 0", "fused": fused},
+        "fidelity": {
+            "fp32_vs_pytorch": {"reference": "pytorch fp32 (transformers, eager attention)", **parity.to_dict()},
+            "quantized_vs_fp32": fid.to_dict() if fid else ("skipped (--no-verify)" if report and not verify_fidelity else None),
+        },
         "export": {"task": convert.TASK, "seconds": round(seconds, 1)},
         "versions": _versions(),
     }

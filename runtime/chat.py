@@ -46,6 +46,7 @@ class Chat:
         history_tokens: int = DEFAULT_HISTORY_TOKENS,
         penalize_whole_history: bool = False,
         max_regenerations: int = 2,
+        reuse_cache: bool = True,
     ):
         self.session = session
         self.tokenizer = tokenizer
@@ -61,6 +62,7 @@ class Chat:
         self.history_tokens = history_tokens
         self.penalize_whole_history = penalize_whole_history
         self.max_regenerations = max_regenerations
+        self.reuse_cache = reuse_cache  # False re-prefills the whole history every turn (for comparison)
         self.eos = session.spec.eos_token_id
         self.rng = np.random.default_rng(self.config.seed)
         self.cache = session.new_cache()
@@ -98,9 +100,9 @@ class Chat:
         # prefix is empty: GPT-2's positions are absolute (learned per index), so keys cached
         # at the old positions are wrong for the shifted history and cannot be moved; the
         # cache is rebuilt from position 0.
-        keep = min(_common_prefix(self._fed, context), len(context) - 1)
+        keep = min(_common_prefix(self._fed, context), len(context) - 1) if self.reuse_cache else 0
         if keep < len(self._fed):
-            if keep == 0:
+            if keep == 0 and self.reuse_cache:
                 self.stats.rebuilds += 1
             self.cache.truncate(keep)
             self._fed = self._fed[:keep]

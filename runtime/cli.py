@@ -35,8 +35,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error, with where to look (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dialogpt-edge",
         description="Fast DialoGPT on CPUs: export to ONNX, then generate without PyTorch.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -88,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("source", metavar="SRC", help="hub id (microsoft/DialoGPT-small) or local checkpoint folder")
     exp.add_argument("--output", "-o", required=True, help="model folder to write")
     exp.add_argument("--force", action="store_true", help="replace an existing output folder")
+    exp.add_argument("--quantize", default="int8", choices=("none", "int8", "int4"),
+                     help="weights: int8 per-channel, int4 block-wise (MatMulNBits), or none (fp32)")
+    exp.add_argument("--block-size", type=int, default=32, choices=(16, 32, 64, 128), help="int4 block size")
+    exp.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
+                     help="int4 compute: 4 = int8 activations (fastest on CPUs), 0 = as the input type")
+    exp.add_argument("--no-verify", action="store_true", help="skip the quantized-vs-fp32 fidelity measurement")
+    exp.add_argument("--fidelity-tokens", type=int, default=8192, help="held-out dialog tokens for the fidelity measurement")
     exp.set_defaults(handler=_cmd_export)
     return parser
 
@@ -185,7 +199,16 @@ def _cmd_export(args) -> int:
         raise UserError(
             f"export needs the export extra ({e.name or e} is not installed; run: pip install 'dialogpt-edge[export]')"
         ) from None
-    export_model(args.source, args.output, force=args.force)
+    export_model(
+        args.source,
+        args.output,
+        force=args.force,
+        quantize=args.quantize,
+        block_size=args.block_size,
+        accuracy_level=args.accuracy_level,
+        verify_fidelity=not args.no_verify,
+        fidelity_tokens=args.fidelity_tokens,
+    )
     return 0
 
 

@@ -42,10 +42,10 @@ def make_checkpoint(folder: Path, *, seed: int = 0, n_positions: int = 1024, **s
     return folder
 
 
-def export_quietly(src: Path, out: Path) -> Path:
+def export_quietly(src: Path, out: Path, quantize: str = "none", **kwargs) -> Path:
     from dialogpt_edge.export.pipeline import export_model
 
-    return export_model(str(src), out)
+    return export_model(str(src), out, quantize=quantize, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +56,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint, tmp_path_factory) -> Path:
     return export_quietly(tiny_checkpoint, tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_int8(tiny_checkpoint, tmp_path_factory) -> Path:
+    return export_quietly(tiny_checkpoint, tmp_path_factory.mktemp("models") / "tiny-int8", "int8", fidelity_tokens=1024)
+
+
+@pytest.fixture(scope="session")
+def tiny_int4(tiny_checkpoint, tmp_path_factory) -> Path:
+    return export_quietly(tiny_checkpoint, tmp_path_factory.mktemp("models") / "tiny-int4", "int4", fidelity_tokens=1024)
 
 
 @pytest.fixture(scope="session")

@@ -142,3 +142,13 @@ def test_tidy(raw, tidied):
     words = raw.split(" ")
     chunks = [stream.push(w if i == 0 else " " + w) for i, w in enumerate(words)] + [stream.flush()]
     assert "".join(chunks) == tidied
+
+
+def test_without_cache_reuse_every_turn_prefills_the_whole_history(parts):
+    session, tokenizer, _ = parts
+    cached = Chat(session, tokenizer, GREEDY)
+    uncached = Chat(session, tokenizer, GREEDY, reuse_cache=False)
+    for message in MESSAGES[:3]:
+        assert list(cached.respond(message)) == list(uncached.respond(message))
+        assert uncached.stats.prefill_tokens[-1] == len(uncached.context_ids()) - len(uncached.turns[-1].ids)
+    assert sum(cached.stats.prefill_tokens) < sum(uncached.stats.prefill_tokens)

@@ -1,0 +1,269 @@
+"""Weight-only quantization of a GPT-2 graph: SCHEMES = int8 (per-channel) and int4 (block-wise MatMulNBits).
+
+Only MatMuls whose B is a weight are quantized; attention's two activation-by-activation
+MatMuls (QK^T and softmax x V) stay float. GPT-2's Conv1D layers may arrive as Gemm
+nodes, which onnxruntime's quantizers skip, so Gemm is rewritten as MatMul + Add first.
+The tied embedding / lm_head matrix is quantized once and read by both ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from dialogpt_edge.runtime.errors import UserError
+
+MS_DOMAIN = "com.microsoft"
+QUANTIZED_OPS = ("DynamicQuantizeMatMul", "MatMulNBits")
+
+
+class QuantizationError(UserError):
+    pass
+
+
+@dataclass
+class QuantReport:
+    scheme: str
+    quantized_matmuls: int
+    expected_matmuls: int
+    embedding: str
+    block_size: int | None = None
+    accuracy_level: int | None = None
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = {
+            "scheme": self.scheme,
+            "quantized_matmuls": self.quantized_matmuls,
+            "expected_matmuls": self.expected_matmuls,
+            "embedding": self.embedding,
+        }
+        if self.block_size is not None:
+            out["block_size"] = self.block_size
+            out["accuracy_level"] = self.accuracy_level
+        return out
+
+
+class _Graph:
+    """Index over one onnx graph: initializers by name, producer and consumers of each value."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.inits = {i.name: i for i in self.graph.initializer}
+        self.producer = {o: n for n in self.graph.node for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in self.graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.inits[name])
+
+    def add_init(self, array: np.ndarray, name: str) -> str:
+        self.graph.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+    def drop_unused_initializers(self) -> None:
+        used = {i for n in self.graph.node for i in n.input} | {o.name for o in self.graph.output}
+        keep = [i for i in self.graph.initializer if i.name in used]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(keep)
+
+    def replace(self, node: onnx.NodeProto, new_nodes: list[onnx.NodeProto]) -> None:
+        """Put `new_nodes` where `node` was, keeping the node list topologically sorted."""
+        nodes = list(self.graph.node)
+        key = tuple(node.output)  # outputs are unique in SSA form; message identity is not stable
+        at = next(i for i, n in enumerate(nodes) if tuple(n.output) == key)
+        nodes[at : at + 1] = new_nodes
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+
+
+def _ensure_ms_opset(model: onnx.ModelProto) -> None:
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def gemm_to_matmul(g: _Graph) -> int:
+    """Rewrite each Gemm with a weight B as MatMul (+ Add of its bias)."""
+    count = 0
+    for node in [n for n in g.graph.node if n.op_type == "Gemm"]:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            continue
+        if len(node.input) < 2 or node.input[1] not in g.inits:
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            weight = g.add_init(np.ascontiguousarray(g.array(weight).T), weight + "_t")
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = node.output[0] + "_mm" if has_bias else node.output[0]
+        new = [helper.make_node("MatMul", [node.input[0], weight], [mm_out], name=node.name + "_MatMul")]
+        if has_bias:
+            new.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=node.name + "_Bias"))
+        g.replace(node, new)
+        count += 1
+    return count
+
+
+@dataclass
+class _Tied:
+    lm_head: onnx.NodeProto  # MatMul(hidden, Transpose(E))
+    transpose: onnx.NodeProto
+    gather: onnx.NodeProto  # Gather(E, input_ids)
+    embedding: str  # E: (vocab, n_embd)
+
+
+def _find_tied(g: _Graph) -> _Tied | None:
+    """GPT-2's lm_head reads the token embedding through a Transpose: find both ends."""
+    for node in g.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        t = g.producer.get(node.input[1])
+        if t is None or t.op_type != "Transpose" or t.input[0] not in g.inits:
+            continue
+        gathers = [c for c in g.consumers.get(t.input[0], []) if c.op_type == "Gather" and c.input[0] == t.input[0]]
+        if len(gathers) == 1 and len(g.consumers[t.input[0]]) == 2:
+            return _Tied(lm_head=node, transpose=t, gather=gathers[0], embedding=t.input[0])
+    return None
+
+
+def _weight_matmuls(g: _Graph) -> list[onnx.NodeProto]:
+    return [
+        n for n in g.graph.node
+        if n.op_type == "MatMul" and n.input[1] in g.inits and len(g.inits[n.input[1]].dims) == 2
+        and g.inits[n.input[1]].data_type == onnx.TensorProto.FLOAT
+    ]
+
+
+# ---- int8: per-output-channel symmetric weights, activations quantized on the fly ----------
+
+
+def _int8_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """w (K, N) -> int8 (K, N) and a float32 scale per column."""
+    scale = np.abs(w).max(axis=0) / 127.0
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def _int8_matmul(g: _Graph, node: onnx.NodeProto, w: np.ndarray, stem: str) -> tuple[str, str]:
+    q, scale = _int8_columns(w)
+    qname, sname = g.add_init(q, stem + "_int8"), g.add_init(scale, stem + "_scale")
+    g.replace(node, [helper.make_node(
+        "DynamicQuantizeMatMul", [node.input[0], qname, sname], list(node.output), name=node.name + "_int8", domain=MS_DOMAIN,
+    )])
+    return qname, sname
+
+
+def quantize_int8(g: _Graph, tied: _Tied | None, **_) -> QuantReport:
+    for node in _weight_matmuls(g):
+        _int8_matmul(g, node, g.array(node.input[1]), node.input[1])
+    embedding = "fp32 (untied)"
+    if tied is not None:
+        # lm_head weight (n_embd, vocab) quantized per vocab column; the embedding row of token t is
+        # column t of the same int8 matrix times its scale: one copy serves both ends.
+        qname, sname = _int8_matmul(g, tied.lm_head, g.array(tied.embedding).T, tied.embedding + "_lm_head")
+        ids, out, stem = tied.gather.input[1], tied.gather.output[0], tied.gather.name or "embedding"
+        g.replace(tied.gather, [
+            helper.make_node("Gather", [qname, ids], [stem + "_cols"], axis=1, name=stem + "_GatherCols"),  # (n_embd, b, s)
+            helper.make_node("Transpose", [stem + "_cols"], [stem + "_rows"], perm=[1, 2, 0], name=stem + "_Rows"),
+            helper.make_node("Cast", [stem + "_rows"], [stem + "_f"], to=onnx.TensorProto.FLOAT, name=stem + "_Cast"),
+            helper.make_node("Gather", [sname, ids], [stem + "_s"], axis=0, name=stem + "_GatherScale"),  # (b, s)
+            helper.make_node("Unsqueeze", [stem + "_s", g.add_init(np.array([-1], np.int64), stem + "_axes")], [stem + "_s1"], name=stem + "_Unsq"),
+            helper.make_node("Mul", [stem + "_f", stem + "_s1"], [out], name=stem + "_Dequant"),
+        ])
+        g.replace(tied.transpose, [])
+        embedding = "int8, shared with lm_head"
+    return QuantReport("int8", 0, 0, embedding)
+
+
+# ---- int4: block-wise MatMulNBits, int8 compute (accuracy_level 4) ---------------------------
+
+
+def pack_int4_blocks(w_nk: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """w (N, K) -> MatMulNBits' B (N, K/bs, bs/2) uint8 and scales (N, K/bs); symmetric, zero point 8."""
+    n, k = w_nk.shape
+    blocks = w_nk.reshape(n, k // block_size, block_size)
+    absmax = np.abs(blocks).max(axis=-1)
+    # map the largest magnitude to -8 when it is negative, to use the full [-8, 7] range
+    signed_max = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    scale = np.where(signed_max < 0, absmax / 8.0, absmax / 7.0)
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    q = (np.clip(np.rint(blocks / scale[..., None]), -8, 7) + 8).astype(np.uint8)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return packed, scale
+
+
+def _int4_matmul(g: _Graph, node: onnx.NodeProto, w_kn: np.ndarray, stem: str, block_size: int, accuracy_level: int):
+    k, n = w_kn.shape
+    packed, scale = pack_int4_blocks(np.ascontiguousarray(w_kn.T), block_size)
+    bname, sname = g.add_init(packed, stem + "_int4"), g.add_init(scale, stem + "_scales")
+    g.replace(node, [helper.make_node(
+        "MatMulNBits", [node.input[0], bname, sname], list(node.output), name=node.name + "_int4", domain=MS_DOMAIN,
+        K=k, N=n, bits=4, block_size=block_size, accuracy_level=accuracy_level,
+    )])
+    return bname, sname
+
+
+def quantize_int4(g: _Graph, tied: _Tied | None, *, block_size: int, accuracy_level: int) -> QuantReport:
+    for node in _weight_matmuls(g):
+        w = g.array(node.input[1])
+        if w.shape[0] % block_size:
+            raise QuantizationError(f"--block-size {block_size} does not divide the {w.shape[0]}-wide input of {node.name} (use 16, 32 or 64)")
+        _int4_matmul(g, node, w, node.input[1], block_size, accuracy_level)
+    embedding = "fp32 (untied)"
+    if tied is not None:
+        e = g.array(tied.embedding)  # (vocab, n_embd): already MatMulNBits' transposed layout
+        bname, sname = _int4_matmul(g, tied.lm_head, e.T, tied.embedding + "_lm_head", block_size, accuracy_level)
+        vocab, n_embd = e.shape
+        ids, out, stem = tied.gather.input[1], tied.gather.output[0], tied.gather.name or "embedding"
+        g.replace(tied.gather, [
+            # the packed lm_head blocks, read row by row: GatherBlockQuantized wants scales of data's rank
+            helper.make_node("Reshape", [sname, g.add_init(np.array([vocab, n_embd // block_size, 1], np.int64), stem + "_sshape")],
+                             [stem + "_s3"], name=stem + "_ScaleShape"),
+            helper.make_node("GatherBlockQuantized", [bname, ids, stem + "_s3"], [stem + "_blocks"], name=stem + "_GatherInt4",
+                             domain=MS_DOMAIN, gather_axis=0, quantize_axis=2, block_size=block_size, bits=4),
+            helper.make_node("Reshape", [stem + "_blocks", g.add_init(np.array([0, 0, n_embd], np.int64), stem + "_eshape")],
+                             [out], name=stem + "_Rows"),
+        ])
+        g.replace(tied.transpose, [])
+        embedding = "int4, shared with lm_head"
+    return QuantReport("int4", 0, 0, embedding, block_size=block_size, accuracy_level=accuracy_level)
+
+
+SCHEMES: dict[str, Callable[..., QuantReport] | None] = {"none": None, "int8": quantize_int8, "int4": quantize_int4}
+
+
+def quantize(model: onnx.ModelProto, scheme: str, *, n_layer: int, block_size: int = 32, accuracy_level: int = 4) -> QuantReport:
+    """Quantize in place. Every weight matrix (4 per block + lm_head) must end up quantized, or this raises."""
+    if scheme not in SCHEMES:
+        raise QuantizationError(f"unknown quantization {scheme!r} (choose one of: {', '.join(SCHEMES)})")
+    if SCHEMES[scheme] is None:
+        raise ValueError("nothing to quantize for scheme 'none'")
+    g = _Graph(model)
+    gemms = gemm_to_matmul(g)
+    g = _Graph(model)
+    tied = _find_tied(g)
+    _ensure_ms_opset(model)
+    report = SCHEMES[scheme](g, tied, block_size=block_size, accuracy_level=accuracy_level)
+    g.drop_unused_initializers()
+    report.expected_matmuls = 4 * n_layer + 1
+    report.quantized_matmuls = count_quantized(model)
+    report.details["gemm_rewritten"] = gemms
+    left = [n.name for n in _weight_matmuls(_Graph(model))] + [n.name for n in model.graph.node if n.op_type == "Gemm"]
+    if report.quantized_matmuls != report.expected_matmuls or left:
+        raise QuantizationError(
+            f"{scheme}: quantized {report.quantized_matmuls} weight matrices, expected {report.expected_matmuls} "
+            f"(4 per layer + lm_head); still float: {left[:4]} (the graph is not the GPT-2 shape this exporter knows)"
+        )
+    return report
+
+
+def count_quantized(model: onnx.ModelProto) -> int:
+    return sum(1 for n in model.graph.node if n.op_type in QUANTIZED_OPS)
