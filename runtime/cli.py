@@ -19,12 +19,26 @@ from .sampling import SamplingConfig, SamplingConfigError
 MODEL_ENV = "DIALOGPT_EDGE_MODEL"
 
 
+SHIPPED_MODEL = "chitchat-small"
+
+
+def shipped_model_dir() -> str | None:
+    """The model that ships with the package (models/chitchat-small), if this install has it."""
+    from importlib import resources
+
+    try:
+        folder = resources.files("dialogpt_edge.models") / SHIPPED_MODEL
+    except ModuleNotFoundError:
+        return None
+    return str(folder) if folder.joinpath("manifest.json").is_file() else None
+
+
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-m",
         "--model",
-        default=os.environ.get(MODEL_ENV),
-        help=f"model folder written by `dialogpt-edge export` (default: ${MODEL_ENV})",
+        default=None,
+        help=f"model folder written by `dialogpt-edge export` (default: ${MODEL_ENV}, else the shipped {SHIPPED_MODEL})",
     )
 
 
@@ -103,6 +117,27 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-verify", action="store_true", help="skip the quantized-vs-fp32 fidelity measurement")
     exp.add_argument("--fidelity-tokens", type=int, default=8192, help="held-out dialog tokens for the fidelity measurement")
     exp.set_defaults(handler=_cmd_export)
+
+    bench = sub.add_parser(
+        "bench",
+        help="latency, memory and start-up against PyTorch and peer runtimes",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    what = bench.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", "-m", help="checkpoint to benchmark: hub id or local folder")
+    what.add_argument("--shape", choices=("small", "medium", "large"), help="a seeded random checkpoint in DialoGPT's real shape")
+    bench.add_argument("--backends", default="ours,pytorch,optimum,ctranslate2,llamacpp", help="comma-separated; missing peers are skipped")
+    bench.add_argument("--precisions", default="fp32,int8,int4", help="comma-separated; each backend runs those it supports")
+    bench.add_argument("--prompt-tokens", default="32", help="comma-separated context lengths, e.g. 64,256,512,900")
+    bench.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per run (eos ignored)")
+    bench.add_argument("--threads", default="2", help="comma-separated thread counts")
+    bench.add_argument("--runs", type=int, default=2, help="timed runs per pass")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed runs first, per pass")
+    bench.add_argument("--passes", type=int, default=3, help="rotated passes over all backends")
+    bench.add_argument("--chat-turns", type=int, default=0, help="also time first tokens over an N-turn chat, cache kept vs not")
+    bench.add_argument("--output", default="benchmarks/results", help="folder for the JSON, markdown and PNG files")
+    bench.add_argument("--cache-dir", default=None, help="where exports are cached between runs (default ~/.cache/dialogpt-edge/bench)")
+    bench.set_defaults(handler=_cmd_bench)
     return parser
 
 
@@ -113,9 +148,11 @@ def _top_k(text: str) -> int | None:
 
 
 def _require_model(args) -> str:
-    if not args.model:
-        raise UserError(f"no model given (pass --model DIR, or set {MODEL_ENV})")
-    return args.model
+    """A typed flag, then the environment, then the shipped model."""
+    model = args.model or os.environ.get(MODEL_ENV) or shipped_model_dir()
+    if not model:
+        raise UserError(f"no model given and no shipped model in this install (pass --model DIR, or set {MODEL_ENV})")
+    return model
 
 
 def _cmd_generate(args) -> int:
@@ -210,6 +247,16 @@ def _cmd_export(args) -> int:
         fidelity_tokens=args.fidelity_tokens,
     )
     return 0
+
+
+def _cmd_bench(args) -> int:
+    try:
+        from dialogpt_edge.benchmarks.harness import main as bench_main
+    except ImportError as e:
+        raise UserError(
+            f"bench needs the bench extra ({e.name or e} is not installed; run: pip install 'dialogpt-edge[bench]')"
+        ) from None
+    return bench_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:

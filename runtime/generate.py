@@ -48,8 +48,10 @@ def generate(
     logits = session.prefill(prompt_ids, cache)
     for n in range(max_new):
         ban = eos if n < min_new else None
-        if plain_greedy and ban is None:
-            token = int(np.argmax(logits))  # the fast path: nothing to filter
+        if plain_greedy:  # the fast path: an argmax, at most one token masked
+            if ban is not None:
+                logits[ban] = -np.inf  # logits is this step's own output buffer
+            token = int(np.argmax(logits))
         else:
             token = sample(logits, config, rng, penalty_ids=seen, ngram_ids=seen, ban=ban)
         if token == eos:

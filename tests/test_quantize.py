@@ -143,3 +143,17 @@ def test_big_models_keep_weights_in_a_data_file(tiny_checkpoint, tmp_path, monke
 def test_unknown_scheme_is_refused(tiny_checkpoint, tmp_path):
     with pytest.raises(pipeline.UserError, match="unknown --quantize 'int3'"):
         export_quietly(tiny_checkpoint, tmp_path / "out", "int3")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme, op, max_ratio", [("int8", "DynamicQuantizeMatMul", 0.30), ("int4", "MatMulNBits", 0.20)])
+def test_dialogpt_small_shape(small_checkpoint, small_model, tmp_path, scheme, op, max_ratio):
+    folder = export_quietly(small_checkpoint, tmp_path / scheme, scheme, fidelity_tokens=1024)
+    graph = graph_of(folder)
+    assert [n.op_type for n in graph.node].count(op) == 4 * 12 + 1
+    assert "Gemm" not in [n.op_type for n in graph.node]
+    assert (folder / "model.onnx").stat().st_size <= max_ratio * (small_model / "model.onnx").stat().st_size
+    manifest = json.loads((folder / "manifest.json").read_text())
+    fid = manifest["fidelity"]["quantized_vs_fp32"]
+    assert fid["tokens"] >= 1000 and 0 < fid["top1_agreement"] <= 1 and fid["mean_kl"] >= 0
+    assert manifest["precision"]["quantization"]["quantized_matmuls"] == 49

