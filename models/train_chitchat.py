@@ -63,6 +63,12 @@ def perplexity(model, stream: np.ndarray, block: int, max_blocks: int | None = N
     return math.exp(total / count)
 
 
+# Reproduce the shipped model (two phases; the second also trains positions 256-511):
+#   python models/train_chitchat.py --output /tmp/phase1 --n-layer 4 --n-embd 320 --n-head 5 --steps 900 --warmup 50
+#   python models/train_chitchat.py --output /tmp/phase2 --init-from /tmp/phase1 --n-layer 4 --n-embd 320 --n-head 5 \
+#       --block 512 --batch 8 --steps 400 --lr 1e-3 --warmup 20 --seed 1
+
+
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -86,6 +92,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--probe", action="store_true", help="time 5 steps and exit (to choose a size)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="continue from an earlier run's output folder (its checkpoint and training.json)")
     args = p.parse_args()
 
     torch.manual_seed(args.seed)
@@ -99,7 +107,12 @@ def main() -> None:
         n_head=args.n_head, bos_token_id=EOS, eos_token_id=EOS,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # ~1 epoch of data: no dropout needed
     )
-    model = GPT2LMHeadModel(config)
+    previous = None
+    if args.init_from:
+        model = GPT2LMHeadModel.from_pretrained(args.init_from / "checkpoint", dtype=torch.float32)
+        previous = json.loads((args.init_from / "training.json").read_text())
+    else:
+        model = GPT2LMHeadModel(config)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -144,15 +157,22 @@ def main() -> None:
     tok.save_pretrained(ckpt)
     # the shipped fp16 weights are what export and tests see: measure them too
     shipped = GPT2LMHeadModel.from_pretrained(ckpt, dtype=torch.float32)
+    phases = (previous or {}).get("phases", []) + [{
+        "hyperparameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "minutes": round(minutes, 1), "tokens_seen": args.steps * args.batch * args.block,
+    }]
+    offset = len(previous["loss_curve"]) if previous else 0
+    evals = (previous or {}).get("evals", []) + [dict(e, step=e["step"] + offset) for e in evals]
+    curve = (previous or {}).get("loss_curve", []) + curve
     record = {
         "data": {"corpus": "chitchat-dataset 0.9.0 (MIT)", "split": f"sha256(conversation id)[0] < {dialogs.HELD_OUT_BELOW} -> held out",
                  "train_tokens": int(len(train)), "held_out_tokens": int(len(held_out)),
                  "train_conversations": sum(1 for _ in dialogs.conversations("train")),
                  "held_out_conversations": sum(1 for _ in dialogs.conversations("held_out"))},
-        "hyperparameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "phases": phases,
         "params": sum(p.numel() for p in shipped.parameters()),
-        "train_minutes": round(minutes, 1),
-        "tokens_seen": args.steps * args.batch * args.block,
+        "train_minutes": round(sum(ph["minutes"] for ph in phases), 1),
+        "tokens_seen": sum(ph["tokens_seen"] for ph in phases),
         "held_out_ppl_fp32_trained": final_ppl,
         "held_out_ppl_fp16_checkpoint": perplexity(shipped, held_out, args.block),
         "held_out_ppl_unigram": unigram_perplexity(train, held_out, 50257),

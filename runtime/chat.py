@@ -43,7 +43,7 @@ class Chat:
         tokenizer: Tokenizer,
         config: SamplingConfig | None = None,
         *,
-        history_tokens: int = DEFAULT_HISTORY_TOKENS,
+        history_tokens: int | None = None,
         penalize_whole_history: bool = False,
         max_regenerations: int = 2,
         reuse_cache: bool = True,
@@ -53,6 +53,8 @@ class Chat:
         self.config = config or SamplingConfig()
         n_positions = session.spec.n_positions
         limit = n_positions - self.config.max_new_tokens
+        if history_tokens is None:  # the default adapts to models with fewer positions
+            history_tokens = max(1, min(DEFAULT_HISTORY_TOKENS, limit))
         if not 1 <= history_tokens <= limit:
             raise SamplingConfigError(
                 "history_tokens",

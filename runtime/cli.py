@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="apply the repetition penalty to the whole history, not only the bot's own words")
     chat.add_argument("--min-new-tokens", type=int, default=defaults.min_new_tokens, help="eos is banned before this many")
     chat.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="longest reply, in tokens")
-    chat.add_argument("--history-tokens", type=int, default=DEFAULT_HISTORY_TOKENS,
-                      help="history budget; whole old turns are dropped beyond it")
+    chat.add_argument("--history-tokens", type=int, default=None,
+                      help=f"history budget; whole old turns are dropped beyond it (default: {DEFAULT_HISTORY_TOKENS}, "
+                      "or less if the model's positions minus --max-new-tokens are fewer)")
     chat.add_argument("--seed", type=int, default=None, help="make the conversation reproducible")
     chat.add_argument("--raw", action="store_true", help="show replies as generated (no punctuation tidying)")
     chat.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")

@@ -66,7 +66,6 @@ def test_zero_new_tokens(tiny_model, capsys):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["generate", "--prompt", "Hi"], "no model given"),
         (["generate", "--model", "/nonexistent/model", "--prompt", "Hi"], "does not exist"),
     ],
 )

@@ -1,22 +1,94 @@
-"""llama.cpp through llama-cpp-python (Q8_0 / Q4_0 GGUF). Optional: it compiles on install."""
+"""llama.cpp through llama-cpp-python: the checkpoint written as an f32 GGUF, then quantized to Q8_0 / Q4_0
+by llama.cpp's own llama_model_quantize. Optional: llama-cpp-python compiles on install."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 PRECISIONS = ("q8_0", "q4_0")
+_FTYPES = {"q8_0": 7, "q4_0": 2}  # llama_ftype: LLAMA_FTYPE_MOSTLY_Q8_0, LLAMA_FTYPE_MOSTLY_Q4_0
 
 
 def available() -> str | None:
     try:
+        import gguf  # noqa: F401
         import llama_cpp  # noqa: F401
     except ImportError:
         return "llama-cpp-python not installed (pip install 'dialogpt-edge[llamacpp]')"
-    return "the GGUF conversion of GPT-2 checkpoints is not wired up yet"
+    return None
+
+
+def write_f32_gguf(checkpoint: Path, path: Path) -> None:
+    """GPT-2 in llama.cpp's 'gpt2' architecture. HF's Conv1D weights are (in, out); GGUF wants (out, in)."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    w = {k.removeprefix("transformer."): v.astype(np.float32) for k, v in weights.items()}
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_context_length(config["n_positions"])
+    writer.add_embedding_length(config["n_embd"])
+    writer.add_feed_forward_length(config.get("n_inner") or 4 * config["n_embd"])
+    writer.add_block_count(config["n_layer"])
+    writer.add_head_count(config["n_head"])
+    writer.add_layer_norm_eps(config.get("layer_norm_epsilon", 1e-5))
+    writer.add_file_type(0)  # all f32
+
+    tok = json.loads((checkpoint / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    eos = config.get("eos_token_id", 50256)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if i == eos else gguf.TokenType.NORMAL for i in range(len(tokens))])
+    merges = tok["model"]["merges"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_bos_token_id(eos)
+    writer.add_eos_token_id(eos)
+
+    writer.add_tensor("token_embd.weight", w["wte.weight"])
+    writer.add_tensor("position_embd.weight", w["wpe.weight"])
+    writer.add_tensor("output_norm.weight", w["ln_f.weight"])
+    writer.add_tensor("output_norm.bias", w["ln_f.bias"])
+    writer.add_tensor("output.weight", w["wte.weight"])  # tied, as llama.cpp's own converter writes it
+    for i in range(config["n_layer"]):
+        h = f"h.{i}."
+        for ours, theirs in (("ln_1", "attn_norm"), ("ln_2", "ffn_norm")):
+            writer.add_tensor(f"blk.{i}.{theirs}.weight", w[h + ours + ".weight"])
+            writer.add_tensor(f"blk.{i}.{theirs}.bias", w[h + ours + ".bias"])
+        for ours, theirs in (("attn.c_attn", "attn_qkv"), ("attn.c_proj", "attn_output"), ("mlp.c_fc", "ffn_up"), ("mlp.c_proj", "ffn_down")):
+            writer.add_tensor(f"blk.{i}.{theirs}.weight", np.ascontiguousarray(w[h + ours + ".weight"].T))
+            writer.add_tensor(f"blk.{i}.{theirs}.bias", w[h + ours + ".bias"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
-    raise NotImplementedError("llama.cpp backend: GGUF conversion not implemented")
+    import llama_cpp
+
+    if not (checkpoint / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(checkpoint).backend_tokenizer.save(str(cache_dir / "tokenizer.json"))
+    f32 = cache_dir / "llamacpp-f32.gguf"
+    if not f32.is_file():
+        write_f32_gguf(checkpoint, f32.with_suffix(".partial"))
+        f32.with_suffix(".partial").rename(f32)
+    out = cache_dir / f"llamacpp-{precision}.gguf"
+    if not out.is_file():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = _FTYPES[precision]
+        params.nthread = 2
+        if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params):
+            raise RuntimeError(f"llama_model_quantize failed for {precision}")
+    return out
 
 
 def version() -> str:
@@ -25,6 +97,27 @@ def version() -> str:
     return f"llama-cpp-python {llama_cpp.__version__}"
 
 
-class Runner:  # pragma: no cover - unavailable() keeps the harness from reaching it
+class Runner:
     def __init__(self, artifact: Path, threads: int):
-        raise NotImplementedError
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(str(artifact), n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=1024, verbose=False)
+        self.eos = self.llm.token_eos()
+
+    def generate(self, prompt_ids: list[int], n_new: int):
+        import numpy as np
+
+        self.llm.reset()
+        stamps, ids = [], []
+        tokens = list(prompt_ids)
+        # greedy by hand, eos masked: llama-cpp-python's samplers would stop at eos
+        self.llm.eval(tokens)
+        for n in range(n_new):
+            logits = np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+            logits[self.eos] = -np.inf
+            token = int(np.argmax(logits))
+            stamps.append(time.perf_counter())
+            ids.append(token)
+            if n + 1 < n_new:
+                self.llm.eval([token])
+        return ids, stamps
