@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -77,7 +78,7 @@ def resolve_checkpoint(model: str | None, shape: str | None, cache_root: Path) -
             path = Path(snapshot_download(model))
         except Exception as e:  # the hub client raises many types; one line is what the user needs
             raise UserError(f"cannot fetch {model} from the Hugging Face hub: {str(e).splitlines()[0]} (pass a local checkpoint folder)") from None
-    key = str(abs(hash(str(path.resolve()))) % 10**8)
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]  # stable across runs, unlike hash()
     cache = cache_root / f"ckpt-{path.name}-{key}"
     cache.mkdir(parents=True, exist_ok=True)
     return path.name, path, cache
@@ -105,7 +106,7 @@ def _spawn(spec: dict) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_RESULT "):
             return json.loads(line[len("BENCH_RESULT "):])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    tail = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or [f"exit code {proc.returncode}, no output"])[-1]
     raise UserError(f"{spec['backend']} ({spec['precision']}) failed: {tail}")
 
 

@@ -66,7 +66,7 @@ def perplexity(model, stream: np.ndarray, block: int, max_blocks: int | None = N
 # Reproduce the shipped model (two phases; the second also trains positions 256-511):
 #   python models/train_chitchat.py --output /tmp/phase1 --n-layer 4 --n-embd 320 --n-head 5 --steps 900 --warmup 50
 #   python models/train_chitchat.py --output /tmp/phase2 --init-from /tmp/phase1 --n-layer 4 --n-embd 320 --n-head 5 \
-#       --block 512 --batch 8 --steps 400 --lr 1e-3 --warmup 20 --seed 1
+#       --block 512 --batch 8 --steps 250 --lr 1e-3 --warmup 20 --seed 1 --eval-every 50
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -157,7 +157,7 @@ def main() -> None:
     tok.save_pretrained(ckpt)
     # the shipped fp16 weights are what export and tests see: measure them too
     shipped = GPT2LMHeadModel.from_pretrained(ckpt, dtype=torch.float32)
-    phases = (previous or {}).get("phases", []) + [{
+    phases = _phases(previous) + [{
         "hyperparameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "minutes": round(minutes, 1), "tokens_seen": args.steps * args.batch * args.block,
     }]
@@ -182,6 +182,15 @@ def main() -> None:
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     plot(record, out / "loss.png")
     print(json.dumps({k: v for k, v in record.items() if k not in ("loss_curve", "evals")}, indent=1))
+
+
+def _phases(previous: dict | None) -> list[dict]:
+    """The earlier runs' phases (a record from before phases were recorded is one phase)."""
+    if not previous:
+        return []
+    if "phases" in previous:
+        return previous["phases"]
+    return [{"hyperparameters": previous["hyperparameters"], "minutes": previous["train_minutes"], "tokens_seen": previous["tokens_seen"]}]
 
 
 def plot(record: dict, path: Path) -> None:

@@ -100,11 +100,25 @@ def version() -> str:
 class Runner:
     def __init__(self, artifact: Path, threads: int):
         import llama_cpp
+        import llama_cpp.llama as llama_module
 
+        # Measured here: with llama.cpp's extra CPU buffer types (repacked / AMX weights) a quantized
+        # GGUF segfaults at its first decode (llama-cpp-python 0.3.36 built from source on this
+        # Xeon); f32 runs. Llama() does not expose the switch, so set it in its default params.
+        defaults = llama_cpp.llama_model_default_params
+
+        def without_extra_bufts():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_module.llama_cpp.llama_model_default_params = without_extra_bufts
         self.llm = llama_cpp.Llama(str(artifact), n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=1024, verbose=False)
         self.eos = self.llm.token_eos()
+        self.vocab = self.llm.n_vocab()
 
     def generate(self, prompt_ids: list[int], n_new: int):
+        import llama_cpp
         import numpy as np
 
         self.llm.reset()
@@ -113,7 +127,8 @@ class Runner:
         # greedy by hand, eos masked: llama-cpp-python's samplers would stop at eos
         self.llm.eval(tokens)
         for n in range(n_new):
-            logits = np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+            # the last position's logits, straight from the context (Llama.scores is not filled here)
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.llm.ctx), shape=(self.vocab,)).copy()
             logits[self.eos] = -np.inf
             token = int(np.argmax(logits))
             stamps.append(time.perf_counter())
