@@ -24,7 +24,7 @@ def plot_records(records: list[dict], stem: Path) -> list[Path]:
         ax.plot([r["floor_ms"]] * 2, [y - 0.4, y + 0.4], color="#c44e52", lw=2)
     ax.invert_yaxis()
     ax.set_xlabel("decode ms/token (median; bars: spread of pass medians; red: memory-bandwidth floor)")
-    ax.set_title(f"{head[0]['model']}: prompt {shortest}, {head[0]['new_tokens']} new tokens, {threads} threads")
+    ax.set_title(f"{head[0]['model']}: prompt {shortest}, {head[0]['new_tokens']} new tokens, {threads} threads", fontsize=9)
     fig.tight_layout()
     paths.append(stem.with_name(stem.name + "_decode.png"))
     fig.savefig(paths[-1], dpi=100)
@@ -39,9 +39,17 @@ def plot_records(records: list[dict], stem: Path) -> list[Path]:
         ax.set_xlabel("context (prompt tokens)")
         ax.set_ylabel("decode ms/token (median)")
         ax.legend()
-        ax.set_title(f"{records[0]['model']}: decode cost against context, {threads} threads")
+        ax.set_title(f"{records[0]['model']}: decode cost against context, {threads} threads", fontsize=9)
         fig.tight_layout()
         paths.append(stem.with_name(stem.name + "_context.png"))
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
     return paths
+
+
+if __name__ == "__main__":  # redraw from a results JSON: python -m dialogpt_edge.benchmarks.plot FILE.json
+    import json
+    import sys
+
+    source = Path(sys.argv[1])
+    print(plot_records(json.loads(source.read_text())["records"], source.with_suffix("")))

@@ -19,7 +19,7 @@ FIELDS = {
 def test_bench_two_backends(tiny_checkpoint, tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-m", "dialogpt_edge.runtime", "bench", "--model", str(tiny_checkpoint), "--backends", "ours,pytorch,llamacpp",
+        [sys.executable, "-m", "dialogpt_edge.runtime", "bench", "--model", str(tiny_checkpoint), "--backends", "ours,pytorch",
          "--precisions", "fp32,int8", "--prompt-tokens", "16,40", "--new-tokens", "6", "--passes", "2", "--runs", "1",
          "--chat-turns", "3", "--output", str(out), "--cache-dir", str(tmp_path / "cache")],
         capture_output=True, text=True, env=run_env(), timeout=900,
@@ -37,7 +37,6 @@ def test_bench_two_backends(tiny_checkpoint, tmp_path):
         assert r["backend_version"] and r["machine"]["cores"] >= 1
     # our fp32 graph decodes exactly what PyTorch does
     assert all(r["greedy_match_vs_torch"] == 1.0 for r in records if r["precision"] == "fp32")
-    assert any("llamacpp: skipped" in n for n in records[0]["notes"])
     chat = data["chat"]
     assert len(chat["cached"]["ttft_ms"]) == len(chat["uncached"]["ttft_ms"]) == 3
     assert chat["cached"]["prefill_tokens"][1:] < chat["uncached"]["prefill_tokens"][1:]
@@ -52,3 +51,17 @@ def test_unknown_backend_is_one_line(tmp_path):
                            "--cache-dir", str(tmp_path)], capture_output=True, text=True, env=run_env(), timeout=300)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown backend 'tensorflow'")
+
+
+def test_a_peer_that_is_not_installed_is_skipped_with_a_note(monkeypatch, tmp_path):
+    import pytest
+
+    from dialogpt_edge.benchmarks import harness
+    from dialogpt_edge.benchmarks.backends import backend_module
+    from dialogpt_edge.runtime.errors import UserError
+
+    monkeypatch.setattr(backend_module("ctranslate2"), "available", lambda: "ctranslate2 not installed (pip install ctranslate2)")
+    plan = harness.Plan(label="x", checkpoint=tmp_path, cache=tmp_path, backends=["ctranslate2"], precisions=["int8"],
+                        prompt_tokens=[8], new_tokens=2, threads=[1], runs=1, warmup=0, passes=1, output=tmp_path, command="")
+    with pytest.raises(UserError, match=r"ctranslate2: skipped \(ctranslate2 not installed"):
+        harness.run(plan)
