@@ -42,6 +42,19 @@ def make_checkpoint(folder: Path, *, seed: int = 0, n_positions: int = 1024, **s
     return folder
 
 
+def torch_greedy(model, ids: list[int], n: int, min_new_tokens: int = 0) -> list[int]:
+    """transformers' own greedy generate(): the reference every runtime path is held to (eos stripped)."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
+            max_new_tokens=n, min_new_tokens=min_new_tokens, eos_token_id=EOS, pad_token_id=EOS,
+        )
+    new = out[0, len(ids):].tolist()
+    return new[:-1] if new and new[-1] == EOS else new
+
+
 def export_quietly(src: Path, out: Path, quantize: str = "none", **kwargs) -> Path:
     from dialogpt_edge.export.pipeline import export_model
 

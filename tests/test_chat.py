@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from conftest import EOS, gpt2_tokenizer
+from conftest import EOS, gpt2_tokenizer, torch_greedy
 from dialogpt_edge.runtime import Chat, SamplingConfig, Session, Tokenizer, load
 from dialogpt_edge.runtime import chat as chat_module
 from dialogpt_edge.runtime.tidy import TidyStream, tidy
@@ -24,14 +24,6 @@ def parts(tiny_model, tiny_checkpoint):
     return session, tokenizer, model
 
 
-def hf_reply(model, context: list[int], max_new_tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([context]), attention_mask=torch.ones(1, len(context), dtype=torch.long),
-                             do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=EOS, pad_token_id=EOS)
-    new = out[0, len(context):].tolist()
-    return new[:-1] if new and new[-1] == EOS else new
-
-
 def test_multi_turn_equals_fresh_generation_on_the_full_history(parts):
     session, tokenizer, model = parts
     chat = Chat(session, tokenizer, GREEDY)
@@ -40,7 +32,7 @@ def test_multi_turn_equals_fresh_generation_on_the_full_history(parts):
     for message in MESSAGES:
         reply = list(chat.respond(message))
         history += ref.encode(message) + [EOS]
-        assert reply == hf_reply(model, history, 12)
+        assert reply == torch_greedy(model, history, 12)
         history += reply + [EOS]
         assert chat.context_ids() == history  # every turn, user's and bot's, ends with eos
     # the cache is kept: after the first turn only the new tokens are prefilled
@@ -58,7 +50,7 @@ def test_budget_drops_whole_old_turns_and_rebuilds_the_cache(parts):
         context = chat.context_ids()[: -(len(reply) + 1)]  # what the reply was generated from
         assert len(context) <= 40
         assert context[-1] == EOS and chat.turns[0].speaker in ("user", "bot")
-        assert reply == hf_reply(model, context, 12)
+        assert reply == torch_greedy(model, context, 12)
     assert chat.stats.rebuilds >= 1
     assert sum(len(t.ids) for t in chat.turns[:-1]) <= 40
 
@@ -71,7 +63,7 @@ def test_reset_forgets_the_conversation(parts):
     reply = list(chat.respond(MESSAGES[1]))
     context = gpt2_tokenizer().encode(MESSAGES[1]) + [EOS]
     assert chat.stats.prefill_tokens[-1] == len(context)
-    assert reply == hf_reply(model, context, 12)
+    assert reply == torch_greedy(model, context, 12)
 
 
 def test_a_stopped_reply_keeps_what_was_shown(parts):
@@ -82,7 +74,7 @@ def test_a_stopped_reply_keeps_what_was_shown(parts):
     stream.close()  # what Ctrl-C does
     assert chat.turns[-1].ids == shown + [EOS]
     reply = list(chat.respond(MESSAGES[1]))
-    assert reply == hf_reply(model, chat.context_ids()[: -(len(reply) + 1)], 12)
+    assert reply == torch_greedy(model, chat.context_ids()[: -(len(reply) + 1)], 12)
 
 
 def test_a_repeated_reply_is_regenerated_unseen(parts, monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from conftest import EOS, gpt2_tokenizer
+from conftest import EOS, gpt2_tokenizer, torch_greedy
 from dialogpt_edge.runtime import Session, generate, load
 
 NEW_TOKENS = 32
@@ -25,21 +25,6 @@ PROMPTS = {
 def encode(turns: list[str]) -> list[int]:
     tok = gpt2_tokenizer()
     return [i for t in turns for i in tok.encode(t) + [EOS]]
-
-
-def torch_greedy(model, ids: list[int], n: int, min_new_tokens: int = 0) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=n,
-            min_new_tokens=min_new_tokens,
-            eos_token_id=EOS,
-            pad_token_id=EOS,
-        )
-    new = out[0, len(ids) :].tolist()
-    return new[:-1] if new and new[-1] == EOS else new
 
 
 def torch_logits(model, ids: list[int]) -> np.ndarray:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from conftest import EOS, export_quietly, gpt2_tokenizer, run_env
+from conftest import EOS, export_quietly, gpt2_tokenizer, run_env, torch_greedy
 from dialogpt_edge.export import dialogs, fidelity
 from dialogpt_edge.runtime import Session, Tokenizer, generate, load
 from dialogpt_edge.runtime.cli import shipped_model_dir
@@ -45,14 +45,6 @@ def torch_model():
 @pytest.fixture(scope="module")
 def fp32_export(tmp_path_factory):
     return export_quietly(CHECKPOINT, tmp_path_factory.mktemp("shipped") / "fp32", "none")
-
-
-def torch_greedy(model, ids, n):
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
-                             max_new_tokens=n, eos_token_id=EOS, pad_token_id=EOS)
-    new = out[0, len(ids):].tolist()
-    return new[:-1] if new and new[-1] == EOS else new
 
 
 def test_shipped_folder_validates_and_is_the_default():
