@@ -11,12 +11,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from dialogpt_edge.runtime.errors import UserError
 
 from . import machine, record
-from .backends import BACKENDS, backend_module
+from .backends import backend_module
 
 SHAPES = {  # DialoGPT's real configurations
     "small": dict(n_layer=12, n_embd=768, n_head=12),
@@ -140,10 +139,11 @@ def run(plan: Plan) -> list[dict]:
     print("measuring memory read bandwidth ...", file=sys.stderr, flush=True)
     bandwidth = machine.read_bandwidth_gbps(threads=max(plan.threads))
 
+    all_prompt_ids = prompt_ids(plan.checkpoint, max(plan.prompt_tokens))  # tokenize once, slice per length
     records = []
     for threads in plan.threads:
         for n_prompt in plan.prompt_tokens:
-            ids = prompt_ids(plan.checkpoint, n_prompt)
+            ids = all_prompt_ids[:n_prompt]
             results: dict = {c: [] for c in combos}
             for p in range(plan.passes):  # rotate the order: a noisy neighbour hits every backend alike
                 order = combos[p % len(combos):] + combos[: p % len(combos)]

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from dialogpt_edge.export.pipeline import installed_versions
 
 from . import machine
 
@@ -21,16 +22,6 @@ def _git_sha() -> str | None:
                               cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _packages() -> dict:
-    out = {}
-    for dist in ("dialogpt-edge", "onnxruntime", "numpy", "torch", "transformers", "optimum-onnx", "ctranslate2", "llama-cpp-python"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def make_record(*, plan, backend, precision, threads, n_prompt, passes, reference_ids, weights_bytes, config, bandwidth_gbps) -> dict:
@@ -73,7 +64,9 @@ def make_record(*, plan, backend, precision, threads, n_prompt, passes, referenc
         "x_floor": median / floor_ms,
         "greedy_match_vs_torch": match,
         "machine": machine.describe() | {"platform": platform.platform()},
-        "packages": _packages(),
+        "packages": installed_versions(
+            "dialogpt-edge", "onnxruntime", "numpy", "torch", "transformers", "optimum-onnx", "ctranslate2", "llama-cpp-python"
+        ),
         "git_sha": _git_sha(),
         "command": plan.command,
         "per_run": [{k: v for k, v in r.items() if k != "ids"} | {"pass": i} for i, p in enumerate(passes) for r in p["runs"]],

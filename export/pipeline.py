@@ -15,7 +15,6 @@ from pathlib import Path
 from dialogpt_edge.runtime.errors import UserError
 from dialogpt_edge.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, MODEL_FILE, TOKENIZER_FILE, ModelSpec, write_manifest
 from dialogpt_edge.runtime.session import Session
-
 from dialogpt_edge.runtime.tokenizer import Tokenizer
 
 from . import convert, fidelity, optimize, verify
@@ -40,9 +39,10 @@ class Progress:
             self.t0 = None
 
 
-def _versions() -> dict[str, str]:
+def installed_versions(*dists: str) -> dict[str, str]:
+    """Python's and each installed distribution's version (missing ones left out)."""
     out = {"python": sys.version.split()[0]}
-    for dist in ("dialogpt-edge", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "tokenizers"):
+    for dist in dists:
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -233,5 +233,7 @@ def _manifest(spec, src, parity, fused, report, fid, verify_fidelity: bool, seco
             "quantized_vs_fp32": fid.to_dict() if fid else ("skipped (--no-verify)" if report and not verify_fidelity else None),
         },
         "export": {"task": convert.TASK, "seconds": round(seconds, 1)},
-        "versions": _versions(),
+        "versions": installed_versions(
+            "dialogpt-edge", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "tokenizers"
+        ),
     }

@@ -132,21 +132,19 @@ class Chat:
                     self.session, feed, config, rng=self.rng, cache=self.cache, history=history, max_new_tokens=max_new
                 ):
                     reply.append(token)
-                    self._fed = (context + reply)[: self.cache.length]
                     # while the reply copies the previous one, hold it back: it may be thrown away
                     if shown == 0 and previous is not None and reply == previous[: len(reply)]:
                         continue
                     while shown < len(reply):
                         shown += 1
                         yield reply[shown - 1]
-                self._fed = (context + reply)[: self.cache.length]
                 if shown == 0 and reply and reply == previous and attempt < self.max_regenerations:
                     continue
                 break
             while shown < len(reply):  # out of attempts: show the repeat after all
                 shown += 1
                 yield reply[shown - 1]
-        finally:
+        finally:  # however the reply ended (done, regenerated, closed by Ctrl-C), the cache holds a prefix of this
             self._fed = (context + reply)[: self.cache.length]
             self.turns.append(Turn("bot", reply[:shown] + [self.eos]))
 

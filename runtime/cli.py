@@ -6,6 +6,7 @@ export imports its heavy dependencies (torch, transformers, optimum) only when c
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -200,19 +201,16 @@ def _cmd_generate(args) -> int:
 
 
 def _sampling_config(args) -> SamplingConfig:
-    try:
-        return SamplingConfig(
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty,
-            no_repeat_ngram_size=args.no_repeat_ngram_size,
-            min_new_tokens=args.min_new_tokens,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-        )
-    except SamplingConfigError as e:
-        raise _as_flag_error(e) from None
+    return SamplingConfig(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        min_new_tokens=args.min_new_tokens,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
 
 
 def _as_flag_error(e: SamplingConfigError) -> UserError:
@@ -223,21 +221,24 @@ def _as_flag_error(e: SamplingConfigError) -> UserError:
 def _cmd_chat(args) -> int:
     from .chat_cli import run_chat
 
-    config = _sampling_config(args)
     try:
-        return run_chat(args, _require_model(args), config)
+        return run_chat(args, _require_model(args), _sampling_config(args))
     except SamplingConfigError as e:
         raise _as_flag_error(e) from None
 
 
-def _cmd_export(args) -> int:
+def _import_extra(module: str, extra: str):
+    """A module of an optional extra; a missing dependency names the pip command that fixes it."""
     try:
-        from dialogpt_edge.export.pipeline import export_model
+        return importlib.import_module(module)
     except ImportError as e:
         raise UserError(
-            f"export needs the export extra ({e.name or e} is not installed; run: pip install 'dialogpt-edge[export]')"
+            f"{extra} needs the {extra} extra ({e.name or e} is not installed; run: pip install 'dialogpt-edge[{extra}]')"
         ) from None
-    export_model(
+
+
+def _cmd_export(args) -> int:
+    _import_extra("dialogpt_edge.export.pipeline", "export").export_model(
         args.source,
         args.output,
         force=args.force,
@@ -251,13 +252,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    try:
-        from dialogpt_edge.benchmarks.harness import main as bench_main
-    except ImportError as e:
-        raise UserError(
-            f"bench needs the bench extra ({e.name or e} is not installed; run: pip install 'dialogpt-edge[bench]')"
-        ) from None
-    return bench_main(args)
+    return _import_extra("dialogpt_edge.benchmarks.harness", "bench").main(args)
 
 
 def main(argv: list[str] | None = None) -> int:

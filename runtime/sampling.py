@@ -8,7 +8,8 @@ they keep no state. Each matches the transformers logits processor of the same n
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -70,8 +71,7 @@ class SamplingConfig:
         return self.temperature == 0
 
     def replace(self, **changes) -> "SamplingConfig":
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return SamplingConfig(**{**values, **changes})
+        return dataclasses.replace(self, **changes)  # re-validates
 
 
 def apply_repetition_penalty(logits: np.ndarray, token_ids: Sequence[int], penalty: float) -> np.ndarray:
@@ -135,12 +135,6 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     remove = cumulative <= (1 - p)
     remove[-1] = False  # keep at least the most likely token
     out[candidates[order[remove]]] = -np.inf
-    return out
-
-
-def ban_token(logits: np.ndarray, token_id: int) -> np.ndarray:
-    out = np.array(logits, dtype=np.float32, copy=True)
-    out[token_id] = -np.inf
     return out
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from transformers import GPT2LMHeadModel
 
 from conftest import EOS, gpt2_tokenizer, torch_greedy

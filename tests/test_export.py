@@ -132,7 +132,7 @@ def test_not_a_gpt2_causal_lm(tmp_path, config, found):
     src = tmp_path / "ckpt"
     src.mkdir()
     (src / "config.json").write_text(json.dumps(config))
-    err = assert_one_line_error(export_cli(str(src), "--output", str(tmp_path / "out")), "not a GPT-2-architecture causal LM", found)
+    assert_one_line_error(export_cli(str(src), "--output", str(tmp_path / "out")), "not a GPT-2-architecture causal LM", found)
     assert not (tmp_path / "out").exists()
 
 

@@ -35,7 +35,6 @@ def version() -> str:
 class Runner:
     def __init__(self, artifact: Path, threads: int):
         import ctranslate2
-        from tokenizers import Tokenizer
 
         compute = "int8" if artifact.name.endswith("int8") else "float32"
         self.generator = ctranslate2.Generator(str(artifact), device="cpu", compute_type=compute, intra_threads=threads, inter_threads=1)

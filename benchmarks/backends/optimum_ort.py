@@ -54,16 +54,9 @@ class Runner:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         name = "model_quantized.onnx" if (artifact / "model_quantized.onnx").is_file() else "model.onnx"
-        self.torch = torch
         self.model = ORTModelForCausalLM.from_pretrained(artifact, file_name=name, session_options=opts, use_cache=True)
 
     def generate(self, prompt_ids: list[int], n_new: int):
-        from .streamer import StampStreamer
+        from .streamer import timed_generate
 
-        streamer = StampStreamer()
-        x = self.torch.tensor([prompt_ids])
-        out = self.model.generate(
-            x, attention_mask=self.torch.ones_like(x), do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new,
-            pad_token_id=self.model.config.eos_token_id, streamer=streamer,
-        )
-        return out[0, len(prompt_ids):].tolist(), streamer.stamps
+        return timed_generate(self.model, prompt_ids, n_new)

@@ -1,4 +1,4 @@
-"""A transformers streamer that stamps the time each new token arrives (the baseline's own loop)."""
+"""transformers' own generate() loop, timed per token by a streamer (PyTorch and optimum both decode through it)."""
 
 from __future__ import annotations
 
@@ -18,3 +18,17 @@ class StampStreamer:
 
     def end(self) -> None:
         pass
+
+
+def timed_generate(model, prompt_ids: list[int], n_new: int) -> tuple[list[int], list[float]]:
+    """Greedy generate() of exactly n_new tokens (eos banned), with a time stamp per token."""
+    import torch
+
+    streamer = StampStreamer()
+    x = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = model.generate(
+            x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new,
+            pad_token_id=model.config.eos_token_id, streamer=streamer,
+        )
+    return out[0, len(prompt_ids):].tolist(), streamer.stamps

@@ -33,17 +33,9 @@ class Runner:
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
-        self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32).eval()
 
     def generate(self, prompt_ids: list[int], n_new: int):
-        from .streamer import StampStreamer
+        from .streamer import timed_generate
 
-        streamer = StampStreamer()
-        x = self.torch.tensor([prompt_ids])
-        with self.torch.inference_mode():
-            out = self.model.generate(
-                x, attention_mask=self.torch.ones_like(x), do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new,
-                pad_token_id=self.model.config.eos_token_id, streamer=streamer,
-            )
-        return out[0, len(prompt_ids):].tolist(), streamer.stamps
+        return timed_generate(self.model, prompt_ids, n_new)
