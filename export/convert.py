@@ -1,10 +1,9 @@
-"""HF checkpoint -> model.onnx with a KV cache (optimum's exporter, task text-generation-with-past)."""
+"""Reading a checkpoint: resolve SRC (local folder or hub id), its config, tokenizer and PyTorch weights."""
 
 from __future__ import annotations
 
 import logging
 import re
-import shutil
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,7 +11,6 @@ from pathlib import Path
 
 from dialogpt_edge.runtime.errors import UserError
 
-TASK = "text-generation-with-past"
 # owner/name, as the hub spells ids; anything else that is not a local folder is a typo.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
@@ -29,17 +27,12 @@ class Source:
 
 @contextmanager
 def quiet_libraries():
-    """Silence the tracer warnings and library chatter of a torch.onnx export; our progress lines stay."""
+    """Silence transformers' and the hub's chatter while loading; our progress lines stay."""
     import transformers
-
-    # optimum configures its loggers when its modules are first imported: import them
-    # now, or the levels set below are overwritten halfway through the export.
-    import optimum.exporters.onnx  # noqa: F401
-    import optimum.onnx.transformations_utils  # noqa: F401
 
     previous = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
-    loggers = [logging.getLogger(n) for n in ("optimum", "huggingface_hub", "torch.onnx")]
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub",)]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -115,32 +108,6 @@ def load_hf_tokenizer(source: Source):
     if not getattr(tok, "is_fast", False):
         raise UserError(f"{source.ref}: could not build a fast tokenizer (add tokenizer.json to the folder)")
     return tok
-
-
-def export_onnx(source: Source, workdir: Path) -> list[Path]:
-    """Run optimum's exporter into `workdir`; returns model.onnx and any external-data files."""
-    from optimum.exporters.onnx import main_export
-
-    out = workdir / "optimum"
-    try:
-        main_export(
-            source.ref,
-            output=out,
-            task=TASK,
-            device="cpu",
-            do_validation=False,  # export/verify.py checks parity itself, at a tighter bound
-        )
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise UserError(f"optimum could not export {source.ref}: {_first_line(e)} (re-run with --debug for details)") from e
-    files = sorted(p for p in out.iterdir() if p.name.startswith("model.onnx"))
-    if not any(p.name == "model.onnx" for p in files):
-        raise UserError(f"optimum wrote no model.onnx for {source.ref} (re-run with --debug for details)")
-    return files
-
-
-def move_into(files: list[Path], folder: Path) -> None:
-    for p in files:
-        shutil.move(str(p), folder / p.name)
 
 
 def _first_line(e: BaseException) -> str:

@@ -17,8 +17,9 @@ from dialogpt_edge.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, MODEL_
 from dialogpt_edge.runtime.session import Session
 from dialogpt_edge.runtime.tokenizer import Tokenizer
 
-from . import convert, fidelity, optimize, verify
+from . import builder, convert, fidelity, verify
 from . import quantize as quantize_mod
+from .builder import save_model
 
 
 class Progress:
@@ -81,15 +82,19 @@ def export_model(
     *,
     force: bool = False,
     quantize: str = "int8",
-    block_size: int = 32,
+    block_size: int | None = None,
     accuracy_level: int = 4,
     verify_fidelity: bool = True,
     fidelity_tokens: int = fidelity.DEFAULT_TOKENS,
+    kv_cache: str | None = None,
 ) -> Path:
     """Export, optimise, verify, quantize and write a model folder; on any failure nothing is left at `output`."""
     started = time.perf_counter()
     if quantize not in quantize_mod.SCHEMES:
         raise UserError(f"unknown --quantize {quantize!r} (choose one of: {', '.join(quantize_mod.SCHEMES)})")
+    kv_cache = kv_cache or builder.DEFAULT_CACHE_DTYPE
+    if kv_cache not in builder.CACHE_DTYPES:
+        raise UserError(f"unknown --kv-cache {kv_cache!r} (choose one of: {', '.join(builder.CACHE_DTYPES)})")
     output = Path(output).expanduser().resolve()
     check_output(output, force)
     try:
@@ -98,7 +103,7 @@ def export_model(
         raise UserError(f"cannot create {output.parent}: {e.strerror} (choose another --output)") from None
 
     quantized = quantize != "none"
-    progress = Progress(total=8 if quantized else 6)
+    progress = Progress(total=7 if quantized else 5)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -111,19 +116,15 @@ def export_model(
             tokenizer = convert.load_hf_tokenizer(src)
             model = convert.load_torch_model(src)
 
-            progress.step("exporting to ONNX with a KV cache (optimum, task text-generation-with-past)")
-            work = staging / "_work"
-            work.mkdir()
-            raw = convert.export_onnx(src, work)
+            progress.step("building the ONNX graph (fused attention, in-place KV cache)")
+            weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+            graph = builder.build_gpt2(weights, src.config, cache_dtype="fp32")
+            fused = builder.fused_ops(graph)
             tokenizer.backend_tokenizer.save(str(staging / TOKENIZER_FILE))
-
-            progress.step("optimising (onnxruntime transformer fusions for gpt2)")
-            graph, fused = optimize.optimize_gpt2(next(p for p in raw if p.name == MODEL_FILE), src.config.n_head, src.config.n_embd)
-            for p in raw:
-                p.unlink()
+            work = staging / "_work"
             fp32_dir = work / "fp32"
-            fp32_dir.mkdir()
-            optimize.save_model(graph, fp32_dir / MODEL_FILE)
+            fp32_dir.mkdir(parents=True)
+            save_model(graph, fp32_dir / MODEL_FILE)
 
             progress.step("verifying fp32 against PyTorch (greedy ids, logits at every position)")
             spec = _spec_for(fp32_dir, src.config, tokenizer)
@@ -136,12 +137,16 @@ def export_model(
             del model
 
         report = None
+        if kv_cache != "fp32":  # the fp32-cache graph is the verified reference; this one is what ships
+            graph = builder.build_gpt2(weights, src.config, cache_dtype=kv_cache)
+        del weights
         if quantized:
             progress.step(f"quantizing weights to {quantize}")
             report = quantize_mod.quantize(
-                graph, quantize, n_layer=spec.n_layer, block_size=block_size, accuracy_level=accuracy_level
+                graph, quantize, n_layer=spec.n_layer, accuracy_level=accuracy_level,
+                block_size=block_size or quantize_mod.default_block_size(spec.n_embd),
             )
-            optimize.save_model(graph, staging / MODEL_FILE)
+            save_model(graph, staging / MODEL_FILE)
             del graph
             if verify_fidelity:
                 progress.step(f"measuring {quantize} fidelity on held-out dialogs")
@@ -150,6 +155,9 @@ def export_model(
                 sequences = fidelity.held_out_sequences(runtime_tok, fidelity_tokens, spec.n_positions)
                 fid = fidelity.measure(reference, quant, sequences)
                 del quant
+        elif kv_cache != "fp32":
+            save_model(graph, staging / MODEL_FILE)
+            del graph
         else:
             del graph
             for p in fp32_dir.iterdir():
@@ -158,7 +166,7 @@ def export_model(
         shutil.rmtree(work)
 
         progress.step("writing manifest.json")
-        write_manifest(staging, _manifest(spec, src, parity, fused, report, fid, verify_fidelity, time.perf_counter() - started))
+        write_manifest(staging, _manifest(spec, src, parity, fused, report, fid, verify_fidelity, kv_cache, time.perf_counter() - started))
         progress.step(f"moving into {output}")
         _install(staging, output)
         progress.done()
@@ -204,7 +212,7 @@ def _spec_for(folder: Path, config, tokenizer) -> ModelSpec:
     )
 
 
-def _manifest(spec, src, parity, fused, report, fid, verify_fidelity: bool, seconds: float) -> dict:
+def _manifest(spec, src, parity, fused, report, fid, verify_fidelity: bool, kv_cache: str, seconds: float) -> dict:
     weights = report.scheme if report else "fp32"
     return {
         "format_version": FORMAT_VERSION,
@@ -224,16 +232,16 @@ def _manifest(spec, src, parity, fused, report, fid, verify_fidelity: bool, seco
         "precision": {
             "weights": weights,
             "activations": "fp32" if not report else ("int8 dynamic (per row)" if weights == "int8" else "int8 (accuracy_level 4)" if report.accuracy_level == 4 else "fp32"),
-            "kv_cache": "fp32",
+            "kv_cache": kv_cache,
             "quantization": report.to_dict() if report else None,
         },
-        "graph": {"optimizer": "onnxruntime.transformers gpt2, opt_level 0", "fused": fused},
+        "graph": {"builder": "dialogpt-edge", "layout": builder.GRAPH_LAYOUT, "fused": fused},
         "fidelity": {
             "fp32_vs_pytorch": {"reference": "pytorch fp32 (transformers, eager attention)", **parity.to_dict()},
             "quantized_vs_fp32": fid.to_dict() if fid else ("skipped (--no-verify)" if report and not verify_fidelity else None),
         },
-        "export": {"task": convert.TASK, "seconds": round(seconds, 1)},
+        "export": {"seconds": round(seconds, 1)},
         "versions": installed_versions(
-            "dialogpt-edge", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "tokenizers"
+            "dialogpt-edge", "torch", "transformers", "onnx", "onnxruntime", "tokenizers"
         ),
     }

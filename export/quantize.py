@@ -141,6 +141,22 @@ def _weight_matmuls(g: _Graph) -> list[onnx.NodeProto]:
     ]
 
 
+def _take_bias(g: _Graph, node: onnx.NodeProto, n: int) -> tuple[str, str]:
+    """If the matmul's only consumer adds an (n,) bias initializer, drop that Add: the quantized op adds it.
+
+    Returns (bias name or "", the output name the quantized op must write).
+    """
+    users = g.consumers.get(node.output[0], [])
+    if len(users) == 1 and users[0].op_type == "Add" and node.output[0] not in {o.name for o in g.graph.output}:
+        add = users[0]
+        other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+        init = g.inits.get(other)
+        if init is not None and list(init.dims) == [n] and init.data_type == onnx.TensorProto.FLOAT:
+            g.replace(add, [])
+            return other, add.output[0]
+    return "", node.output[0]
+
+
 # ---- int8: per-output-channel symmetric weights, activations quantized on the fly ----------
 
 
@@ -155,9 +171,9 @@ def _int8_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _int8_matmul(g: _Graph, node: onnx.NodeProto, w: np.ndarray, stem: str) -> tuple[str, str]:
     q, scale = _int8_columns(w)
     qname, sname = g.add_init(q, stem + "_int8"), g.add_init(scale, stem + "_scale")
-    g.replace(node, [helper.make_node(
-        "DynamicQuantizeMatMul", [node.input[0], qname, sname], list(node.output), name=node.name + "_int8", domain=MS_DOMAIN,
-    )])
+    bias, out = _take_bias(g, node, w.shape[1])
+    inputs = [node.input[0], qname, sname] + (["", bias] if bias else [])
+    g.replace(node, [helper.make_node("DynamicQuantizeMatMul", inputs, [out], name=node.name + "_int8", domain=MS_DOMAIN)])
     return qname, sname
 
 
@@ -186,10 +202,28 @@ def quantize_int8(g: _Graph, tied: _Tied | None, **_) -> QuantReport:
 # ---- int4: block-wise MatMulNBits, int8 compute (accuracy_level 4) ---------------------------
 
 
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def default_block_size(n_embd: int) -> int:
+    """The widest block that divides the model width (so no block is padding): 128 for every DialoGPT size.
+
+    Wider blocks decode faster (fewer scales per weight; measured on the DialoGPT-small shape:
+    block 32 4.79, 64 3.92, 128 3.14 ms/token) at a small fidelity cost (see the README).
+    """
+    return next((b for b in reversed(BLOCK_SIZES) if n_embd % b == 0), BLOCK_SIZES[-1])
+
+
 def pack_int4_blocks(w_nk: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """w (N, K) -> MatMulNBits' B (N, K/bs, bs/2) uint8 and scales (N, K/bs); symmetric, zero point 8."""
+    """w (N, K) -> MatMulNBits' B (N, ceil(K/bs), bs/2) uint8 and scales (N, ceil(K/bs)); symmetric, zero point 8.
+
+    A K that the block size does not divide is padded with zeros, as MatMulNBits expects.
+    """
     n, k = w_nk.shape
-    blocks = w_nk.reshape(n, k // block_size, block_size)
+    pad = -k % block_size
+    if pad:
+        w_nk = np.concatenate([w_nk, np.zeros((n, pad), w_nk.dtype)], axis=1)
+    blocks = w_nk.reshape(n, (k + pad) // block_size, block_size)
     absmax = np.abs(blocks).max(axis=-1)
     # map the largest magnitude to -8 when it is negative, to use the full [-8, 7] range
     signed_max = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0]
@@ -204,8 +238,10 @@ def _int4_matmul(g: _Graph, node: onnx.NodeProto, w_kn: np.ndarray, stem: str, b
     k, n = w_kn.shape
     packed, scale = pack_int4_blocks(np.ascontiguousarray(w_kn.T), block_size)
     bname, sname = g.add_init(packed, stem + "_int4"), g.add_init(scale, stem + "_scales")
+    bias, out = _take_bias(g, node, n)
+    inputs = [node.input[0], bname, sname] + (["", "", bias] if bias else [])
     g.replace(node, [helper.make_node(
-        "MatMulNBits", [node.input[0], bname, sname], list(node.output), name=node.name + "_int4", domain=MS_DOMAIN,
+        "MatMulNBits", inputs, [out], name=node.name + "_int4", domain=MS_DOMAIN,
         K=k, N=n, bits=4, block_size=block_size, accuracy_level=accuracy_level,
     )])
     return bname, sname
@@ -213,25 +249,29 @@ def _int4_matmul(g: _Graph, node: onnx.NodeProto, w_kn: np.ndarray, stem: str, b
 
 def quantize_int4(g: _Graph, tied: _Tied | None, *, block_size: int, accuracy_level: int) -> QuantReport:
     for node in _weight_matmuls(g):
-        w = g.array(node.input[1])
-        if w.shape[0] % block_size:
-            raise QuantizationError(f"--block-size {block_size} does not divide the {w.shape[0]}-wide input of {node.name} (use 16, 32 or 64)")
-        _int4_matmul(g, node, w, node.input[1], block_size, accuracy_level)
+        _int4_matmul(g, node, g.array(node.input[1]), node.input[1], block_size, accuracy_level)
     embedding = "fp32 (untied)"
     if tied is not None:
         e = g.array(tied.embedding)  # (vocab, n_embd): already MatMulNBits' transposed layout
         bname, sname = _int4_matmul(g, tied.lm_head, e.T, tied.embedding + "_lm_head", block_size, accuracy_level)
         vocab, n_embd = e.shape
+        k_blocks = -(-n_embd // block_size)
         ids, out, stem = tied.gather.input[1], tied.gather.output[0], tied.gather.name or "embedding"
-        g.replace(tied.gather, [
+        rows = stem + "_rows" if k_blocks * block_size != n_embd else out
+        nodes = [
             # the packed lm_head blocks, read row by row: GatherBlockQuantized wants scales of data's rank
-            helper.make_node("Reshape", [sname, g.add_init(np.array([vocab, n_embd // block_size, 1], np.int64), stem + "_sshape")],
+            helper.make_node("Reshape", [sname, g.add_init(np.array([vocab, k_blocks, 1], np.int64), stem + "_sshape")],
                              [stem + "_s3"], name=stem + "_ScaleShape"),
             helper.make_node("GatherBlockQuantized", [bname, ids, stem + "_s3"], [stem + "_blocks"], name=stem + "_GatherInt4",
                              domain=MS_DOMAIN, gather_axis=0, quantize_axis=2, block_size=block_size, bits=4),
-            helper.make_node("Reshape", [stem + "_blocks", g.add_init(np.array([0, 0, n_embd], np.int64), stem + "_eshape")],
-                             [out], name=stem + "_Rows"),
-        ])
+            helper.make_node("Reshape", [stem + "_blocks", g.add_init(np.array([0, 0, k_blocks * block_size], np.int64), stem + "_eshape")],
+                             [rows], name=stem + "_Rows"),
+        ]
+        if rows != out:  # drop the zero padding of the last block
+            nodes.append(helper.make_node(
+                "Slice", [rows, g.add_init(np.array([0], np.int64), stem + "_start"), g.add_init(np.array([n_embd], np.int64), stem + "_end"),
+                          g.add_init(np.array([2], np.int64), stem + "_axis")], [out], name=stem + "_Unpad"))
+        g.replace(tied.gather, nodes)
         g.replace(tied.transpose, [])
         embedding = "int4, shared with lm_head"
     return QuantReport("int4", 0, 0, embedding, block_size=block_size, accuracy_level=accuracy_level)

@@ -6,7 +6,7 @@ from .generate import generate
 from .kv_cache import KVCache
 from .manifest import ModelSpec, load
 from .sampling import SamplingConfig, SamplingConfigError, sample
-from .session import Session
+from .session import Session, open_model
 from .tokenizer import TextStream, Tokenizer
 
 __version__ = "0.1.0"
@@ -25,5 +25,6 @@ __all__ = [
     "UserError",
     "generate",
     "load",
+    "open_model",
     "sample",
 ]

@@ -5,9 +5,8 @@ from __future__ import annotations
 import sys
 
 from .chat import Chat
-from .manifest import load
 from .sampling import SamplingConfig
-from .session import Session
+from .session import open_model
 from .tidy import TidyStream
 from .tokenizer import TextStream, Tokenizer
 
@@ -17,8 +16,8 @@ BANNER = "Chatting with {name}. /reset clears the history, /quit or Ctrl-D ends,
 def run_chat(args, model_dir: str, config: SamplingConfig, stdin=None, stdout=None) -> int:
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
-    spec = load(model_dir)
-    session = Session(spec, threads=args.threads)
+    session = open_model(model_dir, threads=args.threads)
+    spec = session.spec
     tokenizer = Tokenizer(spec.tokenizer_path, spec.eos_token_id)
     chat = Chat(
         session, tokenizer, config, history_tokens=args.history_tokens, penalize_whole_history=args.penalize_history

@@ -1,4 +1,4 @@
-"""KVCache: the past keys and values of every layer, and how many positions they hold."""
+"""KVCache: preallocated past keys and values of every layer, and how many positions they hold."""
 
 from __future__ import annotations
 
@@ -6,42 +6,52 @@ import numpy as np
 
 
 class KVCache:
-    """Per-layer past arrays, each (batch=1, n_head, length, head_dim).
+    """Per-layer buffers, each (batch=1, n_head, capacity, head_dim); positions [0, length) are valid.
 
-    The cache owns `length`; positions of new tokens come from it. It makes no
-    onnxruntime calls: Session reads it as inputs and replaces it with the outputs.
+    The graph writes each run's keys and values into these buffers in place (its present
+    outputs are bound to them), so nothing is copied or reallocated per token. The buffers
+    are zero-filled by the allocator lazily: memory is committed only as positions are
+    written, not for the whole capacity. Truncation just moves `length`; later runs
+    overwrite what lies beyond it. No onnxruntime calls here: Session does the binding.
     """
 
-    def __init__(self, n_layer: int, n_head: int, head_dim: int, dtype=np.float32):
+    def __init__(self, n_layer: int, n_head: int, head_dim: int, capacity: int, dtype=np.float32):
+        if capacity < 1:
+            raise ValueError("a KV cache needs a capacity of at least one position")
         self.n_layer = n_layer
         self.n_head = n_head
         self.head_dim = head_dim
+        self.capacity = capacity
         self.dtype = np.dtype(dtype)
-        self.reset()
+        shape = (1, n_head, capacity, head_dim)
+        self.keys = [np.zeros(shape, self.dtype) for _ in range(n_layer)]
+        self.values = [np.zeros(shape, self.dtype) for _ in range(n_layer)]
+        self.length = 0
 
     def reset(self) -> None:
-        empty = np.zeros((1, self.n_head, 0, self.head_dim), dtype=self.dtype)
-        self.keys = [empty] * self.n_layer
-        self.values = [empty] * self.n_layer
+        self.length = 0
 
-    @property
-    def length(self) -> int:
-        return self.keys[0].shape[2]
-
-    def update(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
-        """Take the graph's present key/values, which hold past + new positions."""
-        if len(keys) != self.n_layer or len(values) != self.n_layer:
-            raise ValueError(f"expected {self.n_layer} layers, got {len(keys)} keys and {len(values)} values")
-        self.keys = list(keys)
-        self.values = list(values)
+    def advance(self, n: int) -> None:
+        """Count `n` positions the graph has just written after the current ones."""
+        if n < 0 or self.length + n > self.capacity:
+            raise ValueError(f"cannot advance a cache of length {self.length} by {n} (capacity {self.capacity})")
+        self.length += n
 
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on (the prefix stays valid: positions are absolute)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
-        self.keys = [k[:, :, :length] for k in self.keys]
-        self.values = [v[:, :, :length] for v in self.values]
+        self.length = length
+
+    def key(self, layer: int) -> np.ndarray:
+        """The valid keys of one layer, (1, n_head, length, head_dim): a view, not a copy."""
+        return self.keys[layer][:, :, : self.length]
+
+    def value(self, layer: int) -> np.ndarray:
+        return self.values[layer][:, :, : self.length]
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+        """Bytes the valid positions take (what a decode step reads)."""
+        per_position = 2 * self.n_layer * self.n_head * self.head_dim * self.dtype.itemsize
+        return self.length * per_position

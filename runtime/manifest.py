@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import ModelFolderError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: graph built by export/builder.py (GroupQueryAttention, in-place cache)
 MANIFEST_NAME = "manifest.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -129,16 +129,30 @@ def load(folder: str | os.PathLike, *, verify_checksums: bool = True) -> ModelSp
     )
 
 
+_FIX = "re-export the model, or restore the folder from where you got it"
+
+
 def _check_files(folder: Path, files: dict[str, Any], verify_checksums: bool) -> None:
-    fix = "re-export the model, or restore the folder from where you got it"
     for name, entry in files.items():
         path = folder / name
         if not path.is_file():
-            raise ModelFolderError(f"{path} is missing ({fix})")
+            raise ModelFolderError(f"{path} is missing ({_FIX})")
         size = path.stat().st_size
         if size != entry.get("bytes"):
             raise ModelFolderError(
-                f"{path} has {size} bytes, the manifest says {entry.get('bytes')}: the file was altered ({fix})"
+                f"{path} has {size} bytes, the manifest says {entry.get('bytes')}: the file was altered ({_FIX})"
             )
-        if verify_checksums and sha256_file(path) != entry.get("sha256"):
-            raise ModelFolderError(f"{path} does not match its sha256 in the manifest: the file was altered ({fix})")
+    if verify_checksums:
+        _check_checksums(folder, files)
+
+
+def verify_checksums(spec: ModelSpec) -> None:
+    """The sha256 pass of load(), for callers that run it alongside other work (see session.open_model)."""
+    _check_checksums(spec.path, spec.manifest["files"])
+
+
+def _check_checksums(folder: Path, files: dict[str, Any]) -> None:
+    for name, entry in files.items():
+        path = folder / name
+        if sha256_file(path) != entry.get("sha256"):
+            raise ModelFolderError(f"{path} does not match its sha256 in the manifest: the file was altered ({_FIX})")

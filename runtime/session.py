@@ -1,17 +1,21 @@
-"""Session: owns the onnxruntime InferenceSession; prefill() and decode_step() on a KVCache."""
+"""Session: owns the onnxruntime InferenceSession; prefill() and decode_step() on a KVCache, through IO binding."""
 
 from __future__ import annotations
 
 import os
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from .errors import ContextLengthError, ModelFolderError
 from .kv_cache import KVCache
-from .manifest import ModelSpec
+from .manifest import ModelSpec, load, verify_checksums
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_SCALARS = ("seqlens_k", "total_sequence_length", "logits_to_keep")
 
 
 def default_threads() -> int:
@@ -20,6 +24,42 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+class _Binding:
+    """One IOBinding per cache: its buffers are bound once; a decode step only rewrites small arrays."""
+
+    def __init__(self, session: ort.InferenceSession, cache: KVCache, vocab: int):
+        self.io = session.io_binding()
+        self.ids = np.zeros((1, 1), np.int64)
+        self.positions = np.zeros((1, 1), np.int64)
+        self.seqlens_k = np.zeros((1,), np.int32)
+        self.total = np.zeros((), np.int32)
+        self.keep = np.ones((), np.int64)
+        self.logits = np.zeros((1, 1, vocab), np.float32)
+        for name, array in (("seqlens_k", self.seqlens_k), ("total_sequence_length", self.total), ("logits_to_keep", self.keep)):
+            _bind(self.io.bind_input, name, array)
+        for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+            for kind, array in (("key", k), ("value", v)):
+                _bind(self.io.bind_input, f"past_key_values.{i}.{kind}", array)
+                _bind(self.io.bind_output, f"present.{i}.{kind}", array)
+        self.step_shape = False  # are input_ids / position_ids / logits bound to the one-token arrays?
+
+    def bind_step(self) -> None:
+        _bind(self.io.bind_input, "input_ids", self.ids)
+        _bind(self.io.bind_input, "position_ids", self.positions)
+        _bind(self.io.bind_output, "logits", self.logits)
+        self.step_shape = True
+
+    def bind_run(self, ids: np.ndarray, positions: np.ndarray, logits: np.ndarray) -> None:
+        _bind(self.io.bind_input, "input_ids", ids)
+        _bind(self.io.bind_input, "position_ids", positions)
+        _bind(self.io.bind_output, "logits", logits)
+        self.step_shape = False
+
+
+def _bind(bind, name: str, array: np.ndarray) -> None:
+    bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
 
 
 class Session:
@@ -43,52 +83,87 @@ class Session:
             raise ModelFolderError(f"onnxruntime cannot load {spec.model_path}: {first_line} (re-export the model)") from e
 
         inputs = {i.name: i for i in self._session.get_inputs()}
-        missing = [n for n in spec.input_names if n not in inputs]
+        expected = ["input_ids", "position_ids", *_SCALARS, "past_key_values.0.key"]
+        missing = [n for n in [*spec.input_names, *expected] if n not in inputs]
         if missing:
             raise ModelFolderError(
-                f"{spec.model_path} lacks inputs {missing} that its manifest lists (re-export the model)"
+                f"{spec.model_path} lacks inputs {missing} this runtime needs (re-export the model with this version)"
             )
-        self._past_names = [
-            (f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(spec.n_layer)
-        ]
-        self._present_names = [(f"present.{i}.key", f"present.{i}.value") for i in range(spec.n_layer)]
-        self._output_names = ["logits"] + [n for pair in self._present_names for n in pair]
-        self.cache_dtype = _ORT_TO_NUMPY.get(inputs[self._past_names[0][0]].type, np.float32)
-        self._has_position_ids = "position_ids" in inputs
+        self.cache_dtype = _ORT_TO_NUMPY.get(inputs["past_key_values.0.key"].type, np.float32)
+        self._bindings: weakref.WeakKeyDictionary[KVCache, _Binding] = weakref.WeakKeyDictionary()
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.spec.n_layer, self.spec.n_head, self.spec.head_dim, self.cache_dtype)
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """A cache for up to `capacity` positions (default: all the model has); memory is committed as it fills."""
+        capacity = self.spec.n_positions if capacity is None else capacity
+        return KVCache(self.spec.n_layer, self.spec.n_head, self.spec.head_dim, capacity, self.cache_dtype)
 
-    def forward(self, ids: list[int] | np.ndarray, cache: KVCache) -> np.ndarray:
-        """Run `ids` after the cached positions; returns logits (len(ids), vocab) and grows the cache."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+    def forward(self, ids: list[int] | np.ndarray, cache: KVCache, *, all_logits: bool = True) -> np.ndarray:
+        """Run `ids` after the cached positions and write them into the cache.
+
+        Returns logits (len(ids), vocab), or with all_logits=False only the last position's (1, vocab).
+        """
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1)
         n_new = ids.shape[1]
         if n_new == 0:
             raise ValueError("forward() needs at least one token")
         past = cache.length
         total = past + n_new
-        if total > self.spec.n_positions:
+        limit = min(self.spec.n_positions, cache.capacity)
+        if total > limit:
             raise ContextLengthError(
-                f"{total} tokens exceed the model's {self.spec.n_positions} positions "
+                f"{total} tokens exceed the model's {limit} positions "
                 "(shorten the prompt or lower --max-new-tokens)"
             )
-        feeds = {
-            "input_ids": ids,
-            "attention_mask": np.ones((1, total), dtype=np.int64),
-        }
-        if self._has_position_ids:
-            feeds["position_ids"] = np.arange(past, total, dtype=np.int64).reshape(1, -1)
-        for (k_name, v_name), k, v in zip(self._past_names, cache.keys, cache.values):
-            feeds[k_name] = k
-            feeds[v_name] = v
-        outputs = self._session.run(self._output_names, feeds)
-        cache.update(outputs[1::2], outputs[2::2])
-        return outputs[0][0]
+        binding = self._binding(cache)
+        binding.seqlens_k[0] = total - 1
+        binding.total[()] = total
+        binding.keep[()] = n_new if all_logits else 1
+        if n_new == 1 and not all_logits:
+            if not binding.step_shape:
+                binding.bind_step()
+            binding.ids[0, 0] = ids[0, 0]
+            binding.positions[0, 0] = past
+            logits = binding.logits
+        else:
+            positions = np.arange(past, total, dtype=np.int64).reshape(1, -1)
+            logits = np.empty((1, n_new, self.spec.vocab_size), np.float32) if all_logits else binding.logits
+            binding.bind_run(ids, positions, logits)
+        self._session.run_with_iobinding(binding.io)
+        cache.advance(n_new)
+        # the step buffer is rewritten by the next run, so callers get their own copy
+        return logits[0] if all_logits else logits[0].copy()
 
     def prefill(self, ids: list[int] | np.ndarray, cache: KVCache) -> np.ndarray:
         """Run a prompt (or a new chat turn) in one pass; returns the last position's logits (vocab,)."""
-        return self.forward(ids, cache)[-1]
+        return self.forward(ids, cache, all_logits=False)[-1]
 
     def decode_step(self, token: int, cache: KVCache) -> np.ndarray:
         """One new token against the cache; returns its logits (vocab,)."""
-        return self.forward([token], cache)[-1]
+        return self.forward([token], cache, all_logits=False)[-1]
+
+    def _binding(self, cache: KVCache) -> _Binding:
+        binding = self._bindings.get(cache)
+        if binding is None:
+            if (cache.n_layer, cache.n_head, cache.head_dim, cache.dtype) != (
+                self.spec.n_layer, self.spec.n_head, self.spec.head_dim, np.dtype(self.cache_dtype)
+            ):
+                raise ValueError("this cache was made for another model (use session.new_cache())")
+            binding = self._bindings[cache] = _Binding(self._session, cache, self.spec.vocab_size)
+        return binding
+
+
+def open_model(folder: str | os.PathLike | Path, threads: int | None = None) -> Session:
+    """load() + Session(), checking the sha256 of every file while onnxruntime loads the same bytes.
+
+    On two cores the checksum pass and the session's weight prepacking overlap, so integrity
+    costs next to nothing at start-up. A checksum mismatch is reported in preference to
+    whatever onnxruntime made of the altered file.
+    """
+    spec = load(folder, verify_checksums=False)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        check = pool.submit(verify_checksums, spec)
+        try:
+            session = Session(spec, threads=threads)
+        finally:
+            check.result()
+    return session

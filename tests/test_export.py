@@ -43,7 +43,7 @@ def test_manifest_describes_the_folder(tiny_model, tiny_checkpoint):
     arch = manifest["architecture"]
     for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "eos_token_id"):
         assert arch[key] == config[key], key
-    assert set(manifest["files"]) == {"model.onnx", "tokenizer.json"}
+    assert set(manifest["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == sha256_file(tiny_model / name)
         assert entry["bytes"] == (tiny_model / name).stat().st_size
@@ -55,7 +55,9 @@ def test_manifest_describes_the_folder(tiny_model, tiny_checkpoint):
     fidelity = manifest["fidelity"]["fp32_vs_pytorch"]
     assert fidelity["greedy_ids_equal"] is True
     assert fidelity["max_abs_logit_diff"] < 1e-4
-    for dist in ("torch", "transformers", "onnxruntime", "optimum-onnx"):
+    assert manifest["graph"]["fused"] == {"SkipLayerNormalization": 2 * 2 + 1, "GroupQueryAttention": 2, "FastGelu": 2}
+    assert manifest["precision"]["kv_cache"] == "fp32"
+    for dist in ("torch", "transformers", "onnxruntime", "onnx"):
         assert manifest["versions"][dist]
 
 
@@ -65,7 +67,7 @@ def test_tied_embedding_is_stored_once(tiny_model, tiny_checkpoint):
     with safe_open(str(tiny_checkpoint / "model.safetensors"), "np") as f:
         params = sum(f.get_tensor(k).size for k in f.keys() if not k.endswith("attn.bias"))
     wte = 50257 * 64
-    size = (tiny_model / "model.onnx").stat().st_size
+    size = sum(p.stat().st_size for p in tiny_model.glob("model.onnx*"))
     # every weight once (lm_head shares wte) plus small graph overhead; twice would add 12.9 MB
     assert size < 4 * params + 4 * wte * 0.1, (size, params)
 

@@ -1,38 +1,80 @@
-"""KVCache invariants, and the Session's use of it: one prefill, then one position per step."""
+"""KVCache invariants, and the Session's use of it: written in place, one prefill, then one position per step."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from dialogpt_edge.runtime import KVCache, Session, generate, load
+from dialogpt_edge.runtime import ContextLengthError, KVCache, Session, generate, load
 
 
-def test_empty_cache_shapes():
-    cache = KVCache(n_layer=3, n_head=4, head_dim=8)
-    assert cache.length == 0
-    assert all(k.shape == (1, 4, 0, 8) and k.dtype == np.float32 for k in cache.keys + cache.values)
-
-
-def test_truncate_keeps_the_prefix():
-    cache = KVCache(n_layer=2, n_head=2, head_dim=4)
-    keys = [np.random.rand(1, 2, 5, 4).astype(np.float32) for _ in range(2)]
-    values = [np.random.rand(1, 2, 5, 4).astype(np.float32) for _ in range(2)]
-    cache.update(keys, values)
+def test_cache_bookkeeping():
+    cache = KVCache(n_layer=3, n_head=4, head_dim=8, capacity=16)
+    assert cache.length == 0 and cache.nbytes == 0
+    assert all(k.shape == (1, 4, 16, 8) and k.dtype == np.float32 for k in cache.keys + cache.values)
+    cache.advance(5)
+    assert cache.key(2).shape == (1, 4, 5, 8)
+    assert cache.nbytes == 5 * 2 * 3 * 4 * 8 * 4
     cache.truncate(3)
     assert cache.length == 3
-    np.testing.assert_array_equal(cache.keys[1], keys[1][:, :, :3])
     with pytest.raises(ValueError):
         cache.truncate(4)
+    with pytest.raises(ValueError):
+        cache.advance(14)
     cache.reset()
     assert cache.length == 0
+
+
+def test_steps_write_into_the_same_buffers(tiny_model):
+    session = Session(load(tiny_model), threads=1)
+    cache = session.new_cache()
+    buffers = [k.ctypes.data for k in cache.keys + cache.values]
+    session.prefill([15496, 11, 995], cache)
+    before = [k[:, :, :3].copy() for k in cache.keys]
+    session.decode_step(50256, cache)
+    assert [k.ctypes.data for k in cache.keys + cache.values] == buffers
+    assert cache.length == 4
+    for k, old in zip(cache.keys, before):
+        np.testing.assert_array_equal(k[:, :, :3], old)  # earlier positions untouched
+        assert np.abs(k[:, :, 3]).sum() > 0  # the new position was written in place
+
+
+def test_truncated_cache_gives_what_a_fresh_one_gives(tiny_model):
+    session = Session(load(tiny_model), threads=1)
+    cache = session.new_cache()
+    session.prefill([15496, 11, 995, 50256, 40, 716], cache)
+    cache.truncate(4)
+    got = session.forward([314, 1101, 922], cache)
+    fresh = session.forward([15496, 11, 995, 50256, 314, 1101, 922], session.new_cache())
+    np.testing.assert_allclose(got, fresh[4:], rtol=0, atol=1e-5)
+
+
+def test_caches_on_one_session_are_independent(tiny_model):
+    session = Session(load(tiny_model), threads=1)
+    a, b = session.new_cache(), session.new_cache()
+    la = session.prefill([15496, 11], a)
+    session.prefill([40, 716, 257, 3797], b)
+    after_b = session.decode_step(995, a)  # b's prefill must not have touched a
+    np.testing.assert_allclose(after_b, session.forward([15496, 11, 995], session.new_cache())[-1], rtol=0, atol=1e-5)
+    assert (a.length, b.length) == (3, 4)
+    assert la.shape == (session.spec.vocab_size,)
+
+
+def test_full_cache_is_a_clear_error(tiny_model):
+    session = Session(load(tiny_model), threads=1)
+    cache = session.new_cache(capacity=4)
+    session.prefill([1, 2, 3], cache)
+    session.decode_step(4, cache)
+    with pytest.raises(ContextLengthError, match="exceed"):
+        session.decode_step(5, cache)
+    assert cache.length == 4
 
 
 def test_each_step_feeds_one_token(tiny_model, monkeypatch):
     session = Session(load(tiny_model), threads=1)
     fed = []
     forward = session.forward
-    monkeypatch.setattr(session, "forward", lambda ids, cache: (fed.append((len(ids), cache.length)), forward(ids, cache))[1])
+    monkeypatch.setattr(session, "forward", lambda ids, cache, **kw: (fed.append((len(ids), cache.length)), forward(ids, cache, **kw))[1])
     cache = session.new_cache()
     out = list(generate(session, [15496, 50256], max_new_tokens=6, cache=cache))
     assert len(out) == 6

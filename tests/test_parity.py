@@ -88,3 +88,19 @@ def test_min_new_tokens_bans_eos_like_transformers(tmp_path):
     got = list(generate(session, prompt, max_new_tokens=16, min_new_tokens=5))
     assert len(got) >= 5
     assert got == torch_greedy(model, prompt, 16, min_new_tokens=5)
+
+
+def test_same_greedy_ids_as_optimums_export(tiny_checkpoint, tiny_model, tmp_path):
+    """optimum's export, run by its ORTModelForCausalLM, is the reference graph export/builder.py replaced."""
+    from optimum.exporters.onnx import main_export
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from dialogpt_edge.export.convert import quiet_libraries
+
+    with quiet_libraries():
+        main_export(str(tiny_checkpoint), output=tmp_path / "optimum", task="text-generation-with-past", do_validation=False)
+        reference = ORTModelForCausalLM.from_pretrained(tmp_path / "optimum")
+    session = Session(load(tiny_model))
+    for name, turns in PROMPTS.items():
+        prompt = encode(turns)
+        assert list(generate(session, prompt, max_new_tokens=NEW_TOKENS)) == torch_greedy(reference, prompt, NEW_TOKENS), name

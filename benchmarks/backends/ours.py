@@ -14,9 +14,12 @@ def available() -> str | None:
 
 def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
     from dialogpt_edge.export.pipeline import export_model
+    from dialogpt_edge.runtime import ModelFolderError, load
 
     out = cache_dir / f"ours-{precision}"
-    if not (out / "manifest.json").is_file():
+    try:
+        load(out, verify_checksums=False)
+    except ModelFolderError:  # not there yet, or written by an older version of the exporter
         export_model(str(checkpoint), out, force=True, quantize="none" if precision == "fp32" else precision, fidelity_tokens=2048)
     return out
 
@@ -29,9 +32,9 @@ def version() -> str:
 
 class Runner:
     def __init__(self, artifact: Path, threads: int):
-        from dialogpt_edge.runtime import Session, load
+        from dialogpt_edge.runtime import open_model
 
-        self.session = Session(load(artifact), threads=threads)
+        self.session = open_model(artifact, threads=threads)
 
     def generate(self, prompt_ids: list[int], n_new: int):
         from dialogpt_edge.runtime import SamplingConfig, generate
