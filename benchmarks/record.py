@@ -24,6 +24,11 @@ def _git_sha() -> str | None:
         return None
 
 
+def kv_value_bytes(backend: str, precision: str) -> int:
+    """Bytes per cached key/value element: llama.cpp keeps an f16 cache, ours fp16 when asked (-kv16)."""
+    return 2 if backend == "llamacpp" or precision.endswith("-kv16") else 4
+
+
 def make_record(*, plan, backend, precision, threads, n_prompt, passes, reference_ids, weights_bytes, config, bandwidth_gbps) -> dict:
     decode = np.concatenate([np.asarray(r["decode_ms"]) for p in passes for r in p["runs"]])
     pass_medians = [float(np.median(np.concatenate([r["decode_ms"] for r in p["runs"]]))) for p in passes]
@@ -35,7 +40,7 @@ def make_record(*, plan, backend, precision, threads, n_prompt, passes, referenc
         match = same / len(ids)
     # decoding reads every weight once, plus the cache at the mean context of the timed steps
     context = n_prompt + plan.new_tokens / 2
-    kv_bytes = 2 * config["n_layer"] * config["n_embd"] * 4 * context
+    kv_bytes = 2 * config["n_layer"] * config["n_embd"] * kv_value_bytes(backend, precision) * context
     floor_ms = (weights_bytes + kv_bytes) / (bandwidth_gbps * 1e9) * 1e3
     median = float(np.median(decode))
     return {

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-PRECISIONS = ("fp32", "int8", "int4")
+# -kv16: the same weights with an fp16 KV cache (export --kv-cache fp16)
+PRECISIONS = ("fp32", "int8", "int4", "fp32-kv16", "int8-kv16", "int4-kv16")
 
 
 def available() -> str | None:
@@ -20,7 +21,9 @@ def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
     try:
         load(out, verify_checksums=False)
     except ModelFolderError:  # not there yet, or written by an older version of the exporter
-        export_model(str(checkpoint), out, force=True, quantize="none" if precision == "fp32" else precision, fidelity_tokens=2048)
+        weights, _, kv = precision.partition("-kv")
+        export_model(str(checkpoint), out, force=True, quantize="none" if weights == "fp32" else weights,
+                     kv_cache="fp16" if kv == "16" else "fp32", fidelity_tokens=2048)
     return out
 
 
