@@ -20,7 +20,7 @@ def test_bench_two_backends(tiny_checkpoint, tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-m", "dialogpt_edge.runtime", "bench", "--model", str(tiny_checkpoint), "--backends", "ours,pytorch",
-         "--precisions", "fp32,int8", "--prompt-tokens", "16,40", "--new-tokens", "6", "--passes", "2", "--runs", "1",
+         "--precisions", "fp32,int8-kv16", "--prompt-tokens", "16,40", "--new-tokens", "6", "--passes", "2", "--runs", "1",
          "--chat-turns", "3", "--output", str(out), "--cache-dir", str(tmp_path / "cache")],
         capture_output=True, text=True, env=run_env(), timeout=900,
     )
@@ -28,7 +28,11 @@ def test_bench_two_backends(tiny_checkpoint, tmp_path):
     data = json.loads((out / f"{tiny_checkpoint.name}.json").read_text())
     records = data["records"]
     combos = {(r["backend"], r["precision"], r["prompt_tokens"]) for r in records}
-    assert combos == {(b, p, n) for b, p in [("ours", "fp32"), ("ours", "int8"), ("pytorch", "fp32")] for n in (16, 40)}
+    assert combos == {(b, p, n) for b, p in [("ours", "fp32"), ("ours", "int8-kv16"), ("pytorch", "fp32")] for n in (16, 40)}
+    # -kv16 is the int8 model exported with an fp16 cache, and its floor counts 2-byte cache elements
+    (export,) = (tmp_path / "cache").glob("*/ours-int8-kv16")
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert (manifest["precision"]["weights"], manifest["precision"]["kv_cache"]) == ("int8", "fp16")
     for r in records:
         assert FIELDS <= set(r), FIELDS - set(r)
         assert r["new_tokens"] == 6 and len(r["per_run"]) == 2
@@ -41,7 +45,7 @@ def test_bench_two_backends(tiny_checkpoint, tmp_path):
     assert len(chat["cached"]["ttft_ms"]) == len(chat["uncached"]["ttft_ms"]) == 3
     assert chat["cached"]["prefill_tokens"][1:] < chat["uncached"]["prefill_tokens"][1:]
     table = (out / f"{tiny_checkpoint.name}.md").read_text()
-    assert "| ours | int8 |" in table and "vs PyTorch" in table
+    assert "| ours | int8-kv16 |" in table and "vs PyTorch" in table
     assert (out / f"{tiny_checkpoint.name}_decode.png").stat().st_size > 1000
     assert (out / f"{tiny_checkpoint.name}_context.png").stat().st_size > 1000
 
