@@ -103,7 +103,10 @@ def export_model(
         raise UserError(f"cannot create {output.parent}: {e.strerror} (choose another --output)") from None
 
     quantized = quantize != "none"
-    progress = Progress(total=7 if quantized else 5)
+    # the fp32-cache fp32 graph is what PyTorch verifies; anything else ships a second graph, measured against it
+    derived = quantized or kv_cache != "fp32"
+    label = (quantize if quantized else "fp32") + (f" with an {kv_cache} KV cache" if kv_cache != "fp32" else "")
+    progress = Progress(total=5 + quantized + (derived and verify_fidelity))
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -137,7 +140,7 @@ def export_model(
             del model
 
         report = None
-        if kv_cache != "fp32":  # the fp32-cache graph is the verified reference; this one is what ships
+        if kv_cache != "fp32":
             graph = builder.build_gpt2(weights, src.config, cache_dtype=kv_cache)
         del weights
         if quantized:
@@ -146,18 +149,16 @@ def export_model(
                 graph, quantize, n_layer=spec.n_layer, accuracy_level=accuracy_level,
                 block_size=block_size or quantize_mod.default_block_size(spec.n_embd),
             )
+        if derived:
             save_model(graph, staging / MODEL_FILE)
             del graph
             if verify_fidelity:
-                progress.step(f"measuring {quantize} fidelity on held-out dialogs")
-                quant = Session(_spec_for(staging, src.config, tokenizer))
+                progress.step(f"measuring {label} fidelity on held-out dialogs")
+                shipped = Session(_spec_for(staging, src.config, tokenizer))
                 runtime_tok = Tokenizer(staging / TOKENIZER_FILE, spec.eos_token_id)
                 sequences = fidelity.held_out_sequences(runtime_tok, fidelity_tokens, spec.n_positions)
-                fid = fidelity.measure(reference, quant, sequences)
-                del quant
-        elif kv_cache != "fp32":
-            save_model(graph, staging / MODEL_FILE)
-            del graph
+                fid = fidelity.measure(reference, shipped, sequences)
+                del shipped
         else:
             del graph
             for p in fp32_dir.iterdir():
@@ -188,7 +189,7 @@ def export_model(
         file=sys.stderr,
     )
     if fid is not None:
-        print(f"{quantize} fidelity against fp32, teacher-forced on held-out dialogs:\n{fid.table(quantize)}", file=sys.stderr)
+        print(f"{label} fidelity against fp32, teacher-forced on held-out dialogs:\n{fid.table(label)}", file=sys.stderr)
     return output
 
 
@@ -213,6 +214,7 @@ def _spec_for(folder: Path, config, tokenizer) -> ModelSpec:
 
 
 def _manifest(spec, src, parity, fused, report, fid, verify_fidelity: bool, kv_cache: str, seconds: float) -> dict:
+    derived = report is not None or kv_cache != "fp32"
     weights = report.scheme if report else "fp32"
     return {
         "format_version": FORMAT_VERSION,
@@ -238,7 +240,7 @@ def _manifest(spec, src, parity, fused, report, fid, verify_fidelity: bool, kv_c
         "graph": {"builder": "dialogpt-edge", "layout": builder.GRAPH_LAYOUT, "fused": fused},
         "fidelity": {
             "fp32_vs_pytorch": {"reference": "pytorch fp32 (transformers, eager attention)", **parity.to_dict()},
-            "quantized_vs_fp32": fid.to_dict() if fid else ("skipped (--no-verify)" if report and not verify_fidelity else None),
+            "quantized_vs_fp32": fid.to_dict() if fid else ("skipped (--no-verify)" if derived and not verify_fidelity else None),
         },
         "export": {"seconds": round(seconds, 1)},
         "versions": installed_versions(

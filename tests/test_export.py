@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from conftest import run_env
+from conftest import export_quietly, run_env
 from dialogpt_edge.runtime.manifest import sha256_file
 
 
@@ -157,3 +157,21 @@ def test_failed_parity_leaves_nothing_behind(tiny_checkpoint, tmp_path, monkeypa
         pipeline.export_model(str(tiny_checkpoint), tmp_path / "out")
     assert issubclass(verify.ParityError, UserError)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fp16_kv_cache_is_measured_against_the_fp32_reference(tiny_checkpoint, tiny_model, tmp_path):
+    """--kv-cache fp16 ships a second graph: its fidelity against the verified fp32-cache graph is recorded."""
+    import numpy as np
+
+    from dialogpt_edge.runtime import Session, load
+
+    folder = export_quietly(tiny_checkpoint, tmp_path / "kv16", "none", kv_cache="fp16", fidelity_tokens=1024)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert (manifest["precision"]["weights"], manifest["precision"]["kv_cache"]) == ("fp32", "fp16")
+    fid = manifest["fidelity"]["quantized_vs_fp32"]
+    assert fid["tokens"] >= 1000 and fid["top1_agreement"] > 0.95 and abs(fid["perplexity_ratio"] - 1) < 0.01
+    session = Session(load(folder))
+    assert session.new_cache().keys[0].dtype == np.float16
+    ids = [15496, 11, 703, 389, 345, 30, 50256]
+    reference = Session(load(tiny_model))
+    np.testing.assert_allclose(session.forward(ids, session.new_cache()), reference.forward(ids, reference.new_cache()), atol=2e-2)
