@@ -45,13 +45,6 @@ class KVCache:
             raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
         self.length = length
 
-    def key(self, layer: int) -> np.ndarray:
-        """The valid keys of one layer, (1, n_head, length, head_dim): a view, not a copy."""
-        return self.keys[layer][:, :, : self.length]
-
-    def value(self, layer: int) -> np.ndarray:
-        return self.values[layer][:, :, : self.length]
-
     @property
     def nbytes(self) -> int:
         """Bytes the valid positions take (what a decode step reads)."""
