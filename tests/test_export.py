@@ -175,3 +175,19 @@ def test_fp16_kv_cache_is_measured_against_the_fp32_reference(tiny_checkpoint, t
     ids = [15496, 11, 703, 389, 345, 30, 50256]
     reference = Session(load(tiny_model))
     np.testing.assert_allclose(session.forward(ids, session.new_cache()), reference.forward(ids, reference.new_cache()), atol=2e-2)
+
+
+@pytest.mark.parametrize("variant, message", [
+    ({"activation_function": "relu"}, "activation_function 'relu' is not supported"),
+    ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=true are not supported"),
+])
+def test_gpt2_variants_the_graph_would_get_wrong_are_refused(tmp_path, variant, message):
+    from conftest import TINY, make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", **TINY, **variant)
+    proc = export_cli(str(ckpt), "--output", str(tmp_path / "out"))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
