@@ -76,6 +76,8 @@ def build_gpt2(weights: Mapping[str, np.ndarray], config, *, cache_dtype: str = 
     if cache_dtype not in CACHE_DTYPES:
         raise UserError(f"unknown --kv-cache {cache_dtype!r} (choose one of: {', '.join(CACHE_DTYPES)})")
     w = {k.removeprefix("transformer."): np.asarray(v, dtype=np.float32) for k, v in weights.items()}
+    if not getattr(config, "tie_word_embeddings", True) and "lm_head.weight" not in w:
+        raise UnsupportedConfig("the checkpoint unties the lm_head from the embedding but has no lm_head.weight")
     n_layer, n_head, n_embd = config.n_layer, config.n_head, config.n_embd
     head_dim = n_embd // n_head
     eps = float(config.layer_norm_epsilon)
@@ -120,9 +122,13 @@ def build_gpt2(weights: Mapping[str, np.ndarray], config, *, cache_dtype: str = 
     b.node("Neg", ["logits_to_keep"], ["keep_neg"], "keep_neg")
     b.node("Reshape", ["keep_neg", "seq_axis"], ["keep_start"], "keep_start")  # seq_axis doubles as shape [1]
     b.node("Slice", [x, "keep_start", "int64_max", "seq_axis"], ["hidden_kept"], "keep_last")
-    # the tied lm_head reads the embedding through a Transpose, so the quantizer finds one matrix for both ends
-    b.node("Transpose", ["wte"], ["wte_t"], "lm_head_weight", perm=[1, 0])
-    b.node("MatMul", ["hidden_kept", "wte_t"], ["logits"], "lm_head")
+    if getattr(config, "tie_word_embeddings", True):
+        # the tied lm_head reads the embedding through a Transpose, so the quantizer finds one matrix for both ends
+        b.node("Transpose", ["wte"], ["wte_t"], "lm_head_weight", perm=[1, 0])
+        b.node("MatMul", ["hidden_kept", "wte_t"], ["logits"], "lm_head")
+    else:
+        b.init("lm_head.weight_t", w["lm_head.weight"].T)
+        b.node("MatMul", ["hidden_kept", "lm_head.weight_t"], ["logits"], "lm_head")
 
     batch, seq, cap = "batch", "sequence", "capacity"
     cache_shape = [batch, n_head, cap, head_dim]

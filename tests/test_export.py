@@ -191,3 +191,22 @@ def test_gpt2_variants_the_graph_would_get_wrong_are_refused(tmp_path, variant, 
     assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr
     assert "Traceback" not in proc.stderr
     assert leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+def test_an_untied_lm_head_is_exported_and_quantized_as_its_own_matrix(tmp_path):
+    """DialoGPT ties the lm_head to the embedding; a checkpoint that does not is still computed right."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from conftest import TINY, make_checkpoint, torch_greedy
+    from dialogpt_edge.runtime import Session, generate, load
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", **TINY, tie_word_embeddings=False)
+    model = GPT2LMHeadModel.from_pretrained(ckpt).eval()
+    assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+    fp32 = export_quietly(ckpt, tmp_path / "fp32")  # the export's own parity check holds it to PyTorch
+    prompt = [15496, 11, 703, 389, 345, 30, 50256]
+    assert list(generate(Session(load(fp32)), prompt, max_new_tokens=16)) == torch_greedy(model, prompt, 16)
+    int8 = export_quietly(ckpt, tmp_path / "int8", "int8", fidelity_tokens=1024)
+    q = json.loads((int8 / "manifest.json").read_text())["precision"]["quantization"]
+    assert q["quantized_matmuls"] == q["expected_matmuls"] and q["embedding"] == "fp32 (untied)"
