@@ -32,9 +32,9 @@ from dialogpt_edge.runtime.errors import UserError
 GRAPH_LAYOUT = "gqa-inplace-v1"
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
-CACHE_DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
+CACHE_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
 # fp32 by measurement: onnxruntime's CPU GroupQueryAttention in fp16 costs more per step than the bytes it
-# saves until the context passes ~500 tokens (benchmarks/results/kv-cache/)
+# saves until the context passes ~500 tokens (benchmarks/results/experiments.md, context-sweep/)
 DEFAULT_CACHE_DTYPE = "fp32"
 # HF activation name -> how this graph computes it (FastGelu is the tanh approximation)
 _ACTIVATIONS = {"gelu_new": "FastGelu", "gelu_pytorch_tanh": "FastGelu", "gelu_fast": "FastGelu", "gelu": "BiasGelu"}
@@ -71,17 +71,18 @@ class _Builder:
 
 
 def build_gpt2(weights: Mapping[str, np.ndarray], config, *, cache_dtype: str = "fp32") -> onnx.ModelProto:
-    """weights: a GPT2LMHeadModel state dict as numpy arrays (names as transformers saves them)."""
+    """weights: a GPT2LMHeadModel state dict as numpy arrays (names as transformers saves them).
+
+    cache_dtype is a key of CACHE_DTYPES (export_model checks the user's choice before any work).
+    """
     check_config(config)
-    if cache_dtype not in CACHE_DTYPES:
-        raise UserError(f"unknown --kv-cache {cache_dtype!r} (choose one of: {', '.join(CACHE_DTYPES)})")
     w = {k.removeprefix("transformer."): np.asarray(v, dtype=np.float32) for k, v in weights.items()}
     if not getattr(config, "tie_word_embeddings", True) and "lm_head.weight" not in w:
         raise UnsupportedConfig("the checkpoint unties the lm_head from the embedding but has no lm_head.weight")
     n_layer, n_head, n_embd = config.n_layer, config.n_head, config.n_embd
     head_dim = n_embd // n_head
     eps = float(config.layer_norm_epsilon)
-    cache_np, cache_onnx = CACHE_DTYPES[cache_dtype]
+    cache_onnx = CACHE_DTYPES[cache_dtype]
     activation = _ACTIVATIONS[getattr(config, "activation_function", "gelu_new")]
     b = _Builder()
 

@@ -17,7 +17,8 @@ from onnx import helper, numpy_helper
 
 from dialogpt_edge.runtime.errors import UserError
 
-MS_DOMAIN = "com.microsoft"
+from .builder import MS_DOMAIN
+
 QUANTIZED_OPS = ("DynamicQuantizeMatMul", "MatMulNBits")
 
 

@@ -43,19 +43,14 @@ class _Binding:
             for kind, array in (("key", k), ("value", v)):
                 _bind(self.io.bind_input, f"past_key_values.{i}.{kind}", array)
                 _bind(self.io.bind_output, f"present.{i}.{kind}", array)
-        self.step_shape = False  # are input_ids / position_ids / logits bound to the one-token arrays?
+        self.step_shape = False  # are input_ids / position_ids / logits bound to the one-token arrays above?
 
-    def bind_step(self) -> None:
-        _bind(self.io.bind_input, "input_ids", self.ids)
-        _bind(self.io.bind_input, "position_ids", self.positions)
-        _bind(self.io.bind_output, "logits", self.logits)
-        self.step_shape = True
-
-    def bind_run(self, ids: np.ndarray, positions: np.ndarray, logits: np.ndarray) -> None:
+    def bind_tokens(self, ids: np.ndarray, positions: np.ndarray, logits: np.ndarray) -> None:
+        """Bind this run's ids, their positions and the logits buffer (by pointer: keep them alive until it runs)."""
         _bind(self.io.bind_input, "input_ids", ids)
         _bind(self.io.bind_input, "position_ids", positions)
         _bind(self.io.bind_output, "logits", logits)
-        self.step_shape = False
+        self.step_shape = ids is self.ids
 
 
 def _bind(bind, name: str, array: np.ndarray) -> None:
@@ -120,14 +115,14 @@ class Session:
         binding.keep[()] = n_new if all_logits else 1
         if n_new == 1 and not all_logits:
             if not binding.step_shape:
-                binding.bind_step()
+                binding.bind_tokens(binding.ids, binding.positions, binding.logits)
             binding.ids[0, 0] = ids[0, 0]
             binding.positions[0, 0] = past
             logits = binding.logits
         else:
             positions = np.arange(past, total, dtype=np.int64).reshape(1, -1)
             logits = np.empty((1, n_new, self.spec.vocab_size), np.float32) if all_logits else binding.logits
-            binding.bind_run(ids, positions, logits)
+            binding.bind_tokens(ids, positions, logits)
         self._session.run_with_iobinding(binding.io)
         cache.advance(n_new)
         # the step buffer is rewritten by the next run, so callers get their own copy

@@ -11,7 +11,7 @@ def available() -> str | None:
     try:
         import optimum.onnxruntime  # noqa: F401
     except ImportError:
-        return "optimum-onnx not installed (pip install 'dialogpt-edge[export]')"
+        return "optimum-onnx not installed (pip install 'dialogpt-edge[bench]')"
     return None
 
 
