@@ -172,7 +172,7 @@ def run_chat_turns(plan: Plan, turns: int = 10) -> dict:
     artifact = backend_module("ours").prepare(plan.checkpoint, plan.cache, precision)
     code = (
         "import json,sys,time;from dialogpt_edge.runtime import *;from dialogpt_edge.export import dialogs\n"
-        "spec=load(sys.argv[1]);s=Session(spec,threads=int(sys.argv[2]));tok=Tokenizer(spec.tokenizer_path,spec.eos_token_id)\n"
+        "s=open_model(sys.argv[1],threads=int(sys.argv[2]));tok=Tokenizer(s.spec.tokenizer_path,s.spec.eos_token_id)\n"
         "msgs=[t for c in dialogs.conversations('held_out') for t in c[::2]][:int(sys.argv[3])]\n"
         "w=Chat(s,tok,SamplingConfig.greedy(max_new_tokens=4));[list(w.respond(m)) for m in msgs[:2]]\n"  # warm-up
         "out={}\n"

@@ -13,18 +13,17 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from dialogpt_edge.runtime import SamplingConfig, Session, generate, load
+from dialogpt_edge.runtime import SamplingConfig, generate, open_model
+from dialogpt_edge.runtime.session import session_options
 
 
 def profile(model: Path, steps: int, prompt_tokens: int, threads: int) -> str:
-    spec = load(model)
-    session = Session(spec, threads=threads)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
+    session = open_model(model, threads=threads)  # the graph users run: this CPU's prepacked copy
+    spec = session.spec
+    opts = session_options(threads)
     opts.enable_profiling = True
     opts.profile_file_prefix = "/tmp/dialogpt-edge-profile"
-    session._session = ort.InferenceSession(str(spec.model_path), opts, providers=["CPUExecutionProvider"])
+    session._session = ort.InferenceSession(str(session.graph), opts, providers=["CPUExecutionProvider"])
     prompt = [(1000 + 7 * i) % spec.vocab_size for i in range(prompt_tokens)]
     greedy = SamplingConfig.greedy()
     list(generate(session, prompt, greedy, max_new_tokens=4, min_new_tokens=4))  # warm-up

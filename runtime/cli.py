@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import sys
 import time
@@ -259,9 +260,24 @@ def _cmd_bench(args) -> int:
     return _import_extra("dialogpt_edge.benchmarks.harness", "bench").main(args)
 
 
+class _StderrLines(logging.Handler):
+    """The runtime's notices (a one-time weight packing, a fallback) as plain lines on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(record.getMessage(), file=sys.stderr, flush=True)
+
+
+def _show_runtime_notices() -> None:
+    logger = logging.getLogger("dialogpt_edge")
+    if not any(isinstance(h, _StderrLines) for h in logger.handlers):
+        logger.addHandler(_StderrLines())
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _show_runtime_notices()
     try:
         return args.handler(args)
     except UserError as e:

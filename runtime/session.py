@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -10,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .errors import ContextLengthError, ModelFolderError
+from .errors import ContextLengthError, ModelFolderError, UserError
 from .kv_cache import KVCache
+from . import prepacked
 from .manifest import ModelSpec, load, verify_checksums
+
+log = logging.getLogger(__name__)
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 _SCALARS = ("seqlens_k", "total_sequence_length", "logits_to_keep")
@@ -57,25 +61,34 @@ def _bind(bind, name: str, array: np.ndarray) -> None:
     bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
 
 
-class Session:
-    """One loaded model. Not thread-safe: one decode at a time per Session."""
+def session_options(threads: int) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return opts
 
-    def __init__(self, spec: ModelSpec, threads: int | None = None):
+
+class Session:
+    """One loaded model. Not thread-safe: one decode at a time per Session.
+
+    `graph` runs another ONNX file than the folder's own with the folder's spec: open_model()
+    passes the prepacked copy of the same graph (see prepacked.py).
+    """
+
+    def __init__(self, spec: ModelSpec, threads: int | None = None, *, graph: Path | None = None):
         self.spec = spec
         self.threads = threads or default_threads()
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
+        self.graph = graph or spec.model_path
         try:
             self._session = ort.InferenceSession(
-                str(spec.model_path), sess_options=opts, providers=["CPUExecutionProvider"]
+                str(self.graph), sess_options=session_options(self.threads), providers=["CPUExecutionProvider"]
             )
         except Exception as e:  # onnxruntime raises its own untyped errors
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelFolderError(f"onnxruntime cannot load {spec.model_path}: {first_line} (re-export the model)") from e
+            raise ModelFolderError(f"onnxruntime cannot load {self.graph}: {first_line} (re-export the model)") from e
 
         inputs = {i.name: i for i in self._session.get_inputs()}
         expected = ["input_ids", "position_ids", *_SCALARS, "past_key_values.0.key"]
@@ -147,18 +160,48 @@ class Session:
         return binding
 
 
-def open_model(folder: str | os.PathLike | Path, threads: int | None = None) -> Session:
-    """load() + Session(), checking the sha256 of every file while onnxruntime loads the same bytes.
+def open_model(folder: str | os.PathLike | Path, threads: int | None = None, *, prepack: bool = True) -> Session:
+    """load() + Session() on this CPU's prepacked copy of the graph, checking every file's sha256 meanwhile.
 
-    On two cores the checksum pass and the session's weight prepacking overlap, so integrity
-    costs next to nothing at start-up. A checksum mismatch is reported in preference to
-    whatever onnxruntime made of the altered file.
+    The first open on a machine writes the prepacked copy (prepacked.py); later opens map it.
+    Where it cannot be written or read, the folder's own graph runs, with a warning. The checksum
+    pass runs beside session creation on the second core, so integrity costs next to nothing at
+    start-up; a mismatch is reported in preference to whatever onnxruntime made of the altered file.
     """
     spec = load(folder, verify_checksums=False)
+    threads = threads or default_threads()
     with ThreadPoolExecutor(max_workers=1) as pool:
         check = pool.submit(verify_checksums, spec)
         try:
-            session = Session(spec, threads=threads)
+            session, problem = _open(spec, threads, check, prepack and prepacked.enabled())
         finally:
             check.result()
+    if problem:  # worth saying only once the folder itself is known to be good
+        log.warning("running %s without prepacked weights (%s)", spec.path, problem)
     return session
+
+
+def _open(spec: ModelSpec, threads: int, check, prepack: bool) -> tuple[Session, str | None]:
+    graph, problem = _prepacked_graph(spec, check) if prepack else (None, None)
+    if graph is not None:
+        try:
+            return Session(spec, threads, graph=graph), None
+        except ModelFolderError as e:
+            problem = f"its cached copy did not load: {e}"
+            prepacked.discard(graph)
+    return Session(spec, threads), problem
+
+
+def _prepacked_graph(spec: ModelSpec, check) -> tuple[Path | None, str | None]:
+    """(the prepacked graph, None), or (None, why there is none)."""
+    graph = prepacked.cached_graph(spec)
+    if graph is not None:
+        return graph, None
+    log.info("packing the weights of %s for this CPU, once (cached in %s)", spec.path.name, prepacked.cache_root() / "prepacked")
+    try:
+        return prepacked.build(spec, session_options(1), verified=check), None
+    except UserError:
+        raise  # the folder's checksum mismatch, which the caller reports
+    except Exception as e:  # an unwritable cache, a full disk, onnxruntime refusing the graph
+        text = str(e).strip()
+        return None, text.splitlines()[0] if text else type(e).__name__

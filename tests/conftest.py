@@ -61,6 +61,14 @@ def export_quietly(src: Path, out: Path, quantize: str = "none", **kwargs) -> Pa
     return export_model(str(src), out, quantize=quantize, **kwargs)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prepack_cache(tmp_path_factory) -> Path:
+    """open_model()'s prepacked copies go to a private folder (CLI subprocesses inherit it), not ~/.cache."""
+    root = tmp_path_factory.mktemp("cache")
+    os.environ["DIALOGPT_EDGE_CACHE_DIR"] = str(root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", **TINY)

@@ -1,0 +1,132 @@
+"""Prepacked copies of model folders for this CPU: the weights in the GEMM kernels' own layout, mapped, not repacked.
+
+onnxruntime repacks every weight matrix for its CPU GEMM kernels when a session is created,
+into anonymous heap memory. It can instead write those packed weights to the external-data file
+once and map them on every later load. Measured on the DialoGPT-small shape (2 threads, one run,
+models rotated): int8 decode 6.01 -> 5.53 ms/token, int4 2.83 -> 2.60, medium int8 19.1 -> 17.8,
+medium int4 13.3 -> 12.1; session creation 0.18 -> 0.14 s; logits bit-identical. The packed
+mapping is file-backed, so it is shared between processes and reclaimable, and the kernel maps it
+with huge pages where the file system allows (anonymous 4 KiB pages are what the repacked heap gets).
+
+The packed layout depends on the CPU (which MLAS kernels it dispatches) and on the onnxruntime
+version, so the copy is a cache keyed by both and by the folder's checksums, never part of a
+model folder. It holds the graph and its data file (the original weights plus their packed
+forms, about twice the folder's size); tokenizer and manifest stay in the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from concurrent.futures import Future
+from pathlib import Path
+
+import onnxruntime as ort
+
+from .manifest import MODEL_FILE, ModelSpec
+
+log = logging.getLogger(__name__)
+
+LAYOUT_VERSION = 1  # bump when what is written here changes
+DATA_FILE = MODEL_FILE + ".data"
+STAMP_FILE = "prepacked.json"
+
+
+def cache_root() -> Path:
+    """$DIALOGPT_EDGE_CACHE_DIR, else $XDG_CACHE_HOME/dialogpt-edge, else ~/.cache/dialogpt-edge."""
+    explicit = os.environ.get("DIALOGPT_EDGE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "dialogpt-edge"
+
+
+def enabled() -> bool:
+    """DIALOGPT_EDGE_PREPACK=0 turns the cache off (a read-only or space-starved machine)."""
+    return os.environ.get("DIALOGPT_EDGE_PREPACK", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cpu_fingerprint() -> str:
+    """What decides the packed layout: the CPU's identity and instruction-set flags."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            first = f.read().split("\n\n", 1)[0]
+        fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+        keep = ("vendor_id", "cpu family", "model", "model name", "flags", "Features", "CPU implementer", "CPU part")
+        return "|".join(f"{k}={fields[k].strip()}" for k in keep if k in fields)
+    except OSError:  # not Linux
+        return f"{platform.machine()}|{platform.processor()}|{platform.system()}"
+
+
+def cache_key(spec: ModelSpec) -> str:
+    files = spec.manifest.get("files", {})
+    identity = {
+        "layout": LAYOUT_VERSION,
+        "onnxruntime": ort.__version__,
+        "cpu": cpu_fingerprint(),
+        "graph": {name: files.get(name, {}).get("sha256") for name in (MODEL_FILE, DATA_FILE)},
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cached_graph(spec: ModelSpec) -> Path | None:
+    """The prepacked graph for this folder on this CPU, if a complete copy is cached."""
+    entry = cache_root() / "prepacked" / cache_key(spec)
+    try:
+        stamp = json.loads((entry / STAMP_FILE).read_text())
+        if all((entry / name).stat().st_size == size for name, size in stamp["files"].items()):
+            return entry / MODEL_FILE
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def discard(graph: Path) -> None:
+    """Drop a cached copy that onnxruntime refused (it is rebuilt on the next open)."""
+    shutil.rmtree(graph.parent, ignore_errors=True)
+
+
+def build(spec: ModelSpec, options: ort.SessionOptions, verified: Future | None = None) -> Path:
+    """Write the prepacked copy and return its graph path.
+
+    `options` are the session options the copy will be loaded with. When `verified` is given (the
+    folder's checksum pass), the copy is published only once it has succeeded, so a corrupted
+    folder never leaves a cached copy keyed by the checksums it should have had.
+    """
+    root = cache_root() / "prepacked"
+    root.mkdir(parents=True, exist_ok=True)
+    key = cache_key(spec)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    try:
+        options.optimized_model_filepath = str(staging / MODEL_FILE)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA_FILE)
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+        ort.InferenceSession(str(spec.model_path), sess_options=options, providers=["CPUExecutionProvider"])
+        if verified is not None:
+            verified.result()
+        files = {p.name: p.stat().st_size for p in staging.iterdir()}
+        if set(files) != {MODEL_FILE, DATA_FILE}:
+            raise OSError(f"onnxruntime wrote {sorted(files)}, expected {MODEL_FILE} and {DATA_FILE}")
+        stamp = {"files": files, "source": str(spec.path), "onnxruntime": ort.__version__, "layout": LAYOUT_VERSION}
+        (staging / STAMP_FILE).write_text(json.dumps(stamp, indent=1))
+        entry = root / key
+        try:
+            staging.rename(entry)
+        except OSError:
+            if cached_graph(spec) is not None:  # another process published the same copy first: keep theirs
+                shutil.rmtree(staging, ignore_errors=True)
+            else:  # a damaged copy is in the way: set it aside (a process may still map it), then publish
+                stale = Path(tempfile.mkdtemp(prefix=f".{key}-stale-", dir=root))
+                entry.rename(stale / key)
+                staging.rename(entry)
+                shutil.rmtree(stale, ignore_errors=True)
+        return entry / MODEL_FILE
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

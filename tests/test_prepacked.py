@@ -1,0 +1,132 @@
+"""open_model() runs this CPU's prepacked copy of the graph: same logits, built once, never trusted blindly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+
+from dialogpt_edge.runtime import ModelFolderError, Session, load, open_model
+from dialogpt_edge.runtime import prepacked
+
+PROMPT = [15496, 11, 703, 389, 345, 30, 314, 1101]
+
+
+def run(session: Session, steps: int = 12) -> np.ndarray:
+    """Prompt logits, then greedy decode-step logits, stacked."""
+    cache = session.new_cache()
+    rows = [session.forward(PROMPT, cache)]
+    token = int(rows[0][-1].argmax())
+    for _ in range(steps):
+        row = session.decode_step(token, cache)
+        rows.append(row[None])
+        token = int(row.argmax())
+    return np.concatenate(rows)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setenv("DIALOGPT_EDGE_CACHE_DIR", str(root))
+    return root
+
+
+def entries(cache_dir):
+    folder = cache_dir / "prepacked"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_int8", "tiny_int4"])
+def test_prepacked_copy_gives_the_same_logits_bit_for_bit(fixture, request, cache_dir):
+    folder = request.getfixturevalue(fixture)
+    reference = run(Session(load(folder)))
+    first = open_model(folder)  # builds the copy
+    assert first.graph.parent.parent == cache_dir / "prepacked"
+    stamp = json.loads((first.graph.parent / prepacked.STAMP_FILE).read_text())
+    # the packed weights are in the copy's data file, next to the originals
+    assert stamp["files"][prepacked.DATA_FILE] > (folder / prepacked.DATA_FILE).stat().st_size
+    np.testing.assert_array_equal(run(first), reference)
+    np.testing.assert_array_equal(run(open_model(folder)), reference)
+
+
+def test_second_open_maps_the_cached_copy_without_rebuilding(tiny_int8, cache_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="dialogpt_edge"):
+        graph = open_model(tiny_int8).graph
+    assert any("packing the weights" in r.getMessage() for r in caplog.records)
+    written = graph.stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dialogpt_edge"):
+        assert open_model(tiny_int8).graph == graph
+    assert graph.stat().st_mtime_ns == written
+    assert caplog.records == []
+    assert entries(cache_dir) == [graph.parent.name]  # no staging folders left behind
+
+
+def test_the_copy_is_keyed_by_cpu_and_onnxruntime(tiny_int8, cache_dir, monkeypatch):
+    graph = open_model(tiny_int8).graph
+    spec = load(tiny_int8)
+    assert prepacked.cached_graph(spec) == graph
+    monkeypatch.setattr(prepacked, "cpu_fingerprint", lambda: "another CPU")
+    assert prepacked.cached_graph(spec) is None
+    monkeypatch.undo()
+    monkeypatch.setenv("DIALOGPT_EDGE_CACHE_DIR", str(cache_dir))
+    monkeypatch.setattr(prepacked.ort, "__version__", "0.0.1")
+    assert prepacked.cached_graph(spec) is None
+
+
+def test_a_truncated_copy_is_rebuilt(tiny_int8, cache_dir):
+    reference = run(Session(load(tiny_int8)))
+    graph = open_model(tiny_int8).graph
+    data = graph.parent / prepacked.DATA_FILE
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    session = open_model(tiny_int8)
+    assert session.graph == graph and data.stat().st_size == json.loads(
+        (graph.parent / prepacked.STAMP_FILE).read_text())["files"][prepacked.DATA_FILE]
+    np.testing.assert_array_equal(run(session), reference)
+
+
+def test_a_copy_onnxruntime_refuses_is_dropped_and_the_folder_runs(tiny_int8, cache_dir, caplog):
+    reference = run(Session(load(tiny_int8)))
+    graph = open_model(tiny_int8).graph
+    graph.write_bytes(b"\0" * graph.stat().st_size)  # same size, not a graph
+    with caplog.at_level(logging.WARNING, logger="dialogpt_edge"):
+        session = open_model(tiny_int8)
+    assert session.graph == load(tiny_int8).model_path
+    assert any("without prepacked weights" in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(run(session), reference)
+    assert entries(cache_dir) == []
+    assert open_model(tiny_int8).graph.parent.parent == cache_dir / "prepacked"  # and rebuilt next time
+
+
+def test_an_unwritable_cache_falls_back_with_one_warning(tiny_int8, tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("DIALOGPT_EDGE_CACHE_DIR", str(blocker))
+    with caplog.at_level(logging.WARNING, logger="dialogpt_edge"):
+        session = open_model(tiny_int8)
+    assert session.graph == load(tiny_int8).model_path
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "without prepacked weights" in warnings[0]
+    np.testing.assert_array_equal(run(session), run(Session(load(tiny_int8))))
+
+
+def test_an_altered_folder_is_refused_and_leaves_no_copy(tiny_int8, tmp_path, cache_dir):
+    folder = tmp_path / "altered"
+    shutil.copytree(tiny_int8, folder)
+    data = folder / prepacked.DATA_FILE
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ModelFolderError, match="sha256"):
+        open_model(folder)
+    assert entries(cache_dir) == []
+
+
+def test_prepack_can_be_turned_off(tiny_int8, cache_dir, monkeypatch):
+    assert open_model(tiny_int8, prepack=False).graph == load(tiny_int8).model_path
+    monkeypatch.setenv("DIALOGPT_EDGE_PREPACK", "0")
+    assert open_model(tiny_int8).graph == load(tiny_int8).model_path
+    assert not cache_dir.exists()
