@@ -130,3 +130,12 @@ def test_prepack_can_be_turned_off(tiny_int8, cache_dir, monkeypatch):
     monkeypatch.setenv("DIALOGPT_EDGE_PREPACK", "0")
     assert open_model(tiny_int8).graph == load(tiny_int8).model_path
     assert not cache_dir.exists()
+
+
+def test_no_copy_is_started_without_room_for_it(tiny_int8, cache_dir, monkeypatch, caplog):
+    monkeypatch.setattr(prepacked.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    with caplog.at_level(logging.WARNING, logger="dialogpt_edge"):
+        session = open_model(tiny_int8)
+    assert session.graph == load(tiny_int8).model_path
+    assert any("MiB free" in r.getMessage() for r in caplog.records)
+    assert entries(cache_dir) == []
