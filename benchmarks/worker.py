@@ -31,7 +31,7 @@ def main() -> None:
     from dialogpt_edge.benchmarks.backends import backend_module
 
     module = backend_module(spec["backend"])
-    runner = module.Runner(__import__("pathlib").Path(spec["artifact"]), spec["threads"])
+    runner = module.Runner(__import__("pathlib").Path(spec["artifact"]), spec["threads"], spec["precision"])
     ready_t = time.time()
     prompt, n_new = spec["prompt_ids"], spec["new_tokens"]
 

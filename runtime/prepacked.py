@@ -1,12 +1,15 @@
 """Prepacked copies of model folders for this CPU: the weights in the GEMM kernels' own layout, mapped, not repacked.
 
-onnxruntime repacks every weight matrix for its CPU GEMM kernels when a session is created,
-into anonymous heap memory. It can instead write those packed weights to the external-data file
-once and map them on every later load. Measured on the DialoGPT-small shape (2 threads, one run,
-models rotated): int8 decode 6.01 -> 5.53 ms/token, int4 2.83 -> 2.60, medium int8 19.1 -> 17.8,
-medium int4 13.3 -> 12.1; session creation 0.18 -> 0.14 s; logits bit-identical. The packed
-mapping is file-backed, so it is shared between processes and reclaimable, and the kernel maps it
-with huge pages where the file system allows (anonymous 4 KiB pages are what the repacked heap gets).
+Optional (DIALOGPT_EDGE_PREPACK=1, or open_model(prepack=True)). onnxruntime repacks every weight
+matrix for its CPU GEMM kernels when a session is created, into anonymous heap memory. It can
+instead write the packed weights to the external-data file once and map them on every later
+load. What that buys, measured on the DialoGPT shapes (benchmarks/results/experiments.md):
+faster session creation (fp32 most: 0.86 -> 0.47 s on the small shape), logits bit-identical,
+packed weights in page cache (shared between processes, reclaimable) instead of the heap; decode
+speed only where the kernel maps the file with huge pages, which depends on how the file entered
+the page cache (no consistent gain in a same-run bench). What it costs: onnxruntime 1.32 still
+reads the original weights while loading the packed ones, so the load's peak RSS is higher
+(int8 237 -> 261 MiB), and the copy takes twice the folder's disk space. Hence not the default.
 
 The packed layout depends on the CPU (which MLAS kernels it dispatches) and on the onnxruntime
 version, so the copy is a cache keyed by both and by the folder's checksums, never part of a
@@ -50,8 +53,8 @@ def cache_root() -> Path:
 
 
 def enabled() -> bool:
-    """DIALOGPT_EDGE_PREPACK=0 turns the cache off (a read-only or space-starved machine)."""
-    return os.environ.get("DIALOGPT_EDGE_PREPACK", "1").strip().lower() not in ("0", "false", "no", "off")
+    """DIALOGPT_EDGE_PREPACK=1 turns the cache on for open_model() callers that do not choose."""
+    return os.environ.get("DIALOGPT_EDGE_PREPACK", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def cpu_fingerprint() -> str:

@@ -160,20 +160,21 @@ class Session:
         return binding
 
 
-def open_model(folder: str | os.PathLike | Path, threads: int | None = None, *, prepack: bool = True) -> Session:
-    """load() + Session() on this CPU's prepacked copy of the graph, checking every file's sha256 meanwhile.
+def open_model(folder: str | os.PathLike | Path, threads: int | None = None, *, prepack: bool | None = None) -> Session:
+    """load() + Session(), checking every file's sha256 while onnxruntime loads the same bytes.
 
-    The first open on a machine writes the prepacked copy (prepacked.py); later opens map it.
-    Where it cannot be written or read, the folder's own graph runs, with a warning. The checksum
-    pass runs beside session creation on the second core, so integrity costs next to nothing at
-    start-up; a mismatch is reported in preference to whatever onnxruntime made of the altered file.
+    The checksum pass runs beside session creation on the second core, so integrity costs next
+    to nothing at start-up; a mismatch is reported in preference to whatever onnxruntime made of
+    the altered file. prepack=True (default: $DIALOGPT_EDGE_PREPACK) runs this CPU's prepacked
+    copy of the graph (prepacked.py), writing it on first use; where it cannot be written or
+    read, the folder's own graph runs, with a warning.
     """
     spec = load(folder, verify_checksums=False)
     threads = threads or default_threads()
     with ThreadPoolExecutor(max_workers=1) as pool:
         check = pool.submit(verify_checksums, spec)
         try:
-            session, problem = _open(spec, threads, check, prepack and prepacked.enabled())
+            session, problem = _open(spec, threads, check, prepacked.enabled() if prepack is None else prepack)
         finally:
             check.result()
     if problem:  # worth saying only once the folder itself is known to be good

@@ -20,7 +20,7 @@ def test_bench_two_backends(tiny_checkpoint, tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-m", "dialogpt_edge.runtime", "bench", "--model", str(tiny_checkpoint), "--backends", "ours,pytorch",
-         "--precisions", "fp32,int8-kv16", "--prompt-tokens", "16,40", "--new-tokens", "6", "--passes", "2", "--runs", "1",
+         "--precisions", "fp32,fp32-prepacked,int8-kv16", "--prompt-tokens", "16,40", "--new-tokens", "6", "--passes", "2", "--runs", "1",
          "--chat-turns", "3", "--output", str(out), "--cache-dir", str(tmp_path / "cache")],
         capture_output=True, text=True, env=run_env(), timeout=900,
     )
@@ -28,7 +28,9 @@ def test_bench_two_backends(tiny_checkpoint, tmp_path):
     data = json.loads((out / f"{tiny_checkpoint.name}.json").read_text())
     records = data["records"]
     combos = {(r["backend"], r["precision"], r["prompt_tokens"]) for r in records}
-    assert combos == {(b, p, n) for b, p in [("ours", "fp32"), ("ours", "int8-kv16"), ("pytorch", "fp32")] for n in (16, 40)}
+    assert combos == {(b, p, n) for b, p in [("ours", "fp32"), ("ours", "fp32-prepacked"), ("ours", "int8-kv16"), ("pytorch", "fp32")] for n in (16, 40)}
+    # -prepacked opens the same export from its prepacked copy: no second export
+    assert [p.name for p in (tmp_path / "cache").glob("*/ours-fp32*")] == ["ours-fp32"]
     # -kv16 is the int8 model exported with an fp16 cache, and its floor counts 2-byte cache elements
     (export,) = (tmp_path / "cache").glob("*/ours-int8-kv16")
     manifest = json.loads((export / "manifest.json").read_text())
@@ -40,7 +42,7 @@ def test_bench_two_backends(tiny_checkpoint, tmp_path):
         assert r["decode_ms_median"] > 0 and r["peak_rss_mb"] > 0 and r["floor_ms"] > 0
         assert r["backend_version"] and r["machine"]["cores"] >= 1
     # our fp32 graph decodes exactly what PyTorch does
-    assert all(r["greedy_match_vs_torch"] == 1.0 for r in records if r["precision"] == "fp32")
+    assert all(r["greedy_match_vs_torch"] == 1.0 for r in records if r["precision"].startswith("fp32"))
     chat = data["chat"]
     assert len(chat["cached"]["ttft_ms"]) == len(chat["uncached"]["ttft_ms"]) == 3
     assert chat["cached"]["prefill_tokens"][1:] < chat["uncached"]["prefill_tokens"][1:]

@@ -1,4 +1,4 @@
-"""open_model() runs this CPU's prepacked copy of the graph: same logits, built once, never trusted blindly."""
+"""open_model(prepack=True) runs this CPU's prepacked copy of the graph: same logits, built once, never trusted blindly."""
 
 from __future__ import annotations
 
@@ -29,8 +29,10 @@ def run(session: Session, steps: int = 12) -> np.ndarray:
 
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
+    """A private cache, and prepacking on (DIALOGPT_EDGE_PREPACK=1) for open_model() calls that do not choose."""
     root = tmp_path / "cache"
     monkeypatch.setenv("DIALOGPT_EDGE_CACHE_DIR", str(root))
+    monkeypatch.setenv("DIALOGPT_EDGE_PREPACK", "1")
     return root
 
 
@@ -105,6 +107,7 @@ def test_an_unwritable_cache_falls_back_with_one_warning(tiny_int8, tmp_path, mo
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setenv("DIALOGPT_EDGE_CACHE_DIR", str(blocker))
+    monkeypatch.setenv("DIALOGPT_EDGE_PREPACK", "1")
     with caplog.at_level(logging.WARNING, logger="dialogpt_edge"):
         session = open_model(tiny_int8)
     assert session.graph == load(tiny_int8).model_path
@@ -125,11 +128,14 @@ def test_an_altered_folder_is_refused_and_leaves_no_copy(tiny_int8, tmp_path, ca
     assert entries(cache_dir) == []
 
 
-def test_prepack_can_be_turned_off(tiny_int8, cache_dir, monkeypatch):
-    assert open_model(tiny_int8, prepack=False).graph == load(tiny_int8).model_path
+def test_prepack_is_off_unless_asked_for(tiny_int8, cache_dir, monkeypatch):
+    assert open_model(tiny_int8, prepack=False).graph == load(tiny_int8).model_path  # the argument wins over the env
+    monkeypatch.delenv("DIALOGPT_EDGE_PREPACK")
+    assert open_model(tiny_int8).graph == load(tiny_int8).model_path
     monkeypatch.setenv("DIALOGPT_EDGE_PREPACK", "0")
     assert open_model(tiny_int8).graph == load(tiny_int8).model_path
     assert not cache_dir.exists()
+    assert open_model(tiny_int8, prepack=True).graph.parent.parent == cache_dir / "prepacked"
 
 
 def test_no_copy_is_started_without_room_for_it(tiny_int8, cache_dir, monkeypatch, caplog):
@@ -139,3 +145,25 @@ def test_no_copy_is_started_without_room_for_it(tiny_int8, cache_dir, monkeypatc
     assert session.graph == load(tiny_int8).model_path
     assert any("MiB free" in r.getMessage() for r in caplog.records)
     assert entries(cache_dir) == []
+
+
+def test_cli_announces_the_one_time_packing_and_decodes_the_same(tiny_int8, cache_dir):
+    import subprocess
+    import sys
+
+    from conftest import run_env
+
+    def generate(**env):
+        cmd = [sys.executable, "-m", "dialogpt_edge.runtime", "generate", "--model", str(tiny_int8),
+               "--prompt", "Hello there", "--max-new-tokens", "8", "--json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(run_env(), **env), timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["ids"], proc.stderr
+
+    plain_ids, plain_err = generate(DIALOGPT_EDGE_PREPACK="0")
+    first_ids, first_err = generate()
+    again_ids, again_err = generate()
+    assert "packing the weights" not in plain_err
+    assert f"packing the weights of {tiny_int8.name} for this CPU, once" in first_err
+    assert "packing" not in again_err
+    assert plain_ids == first_ids == again_ids

@@ -1,7 +1,7 @@
 """One module per system under test. Each defines PRECISIONS, available(), prepare() and Runner.
 
 prepare(checkpoint, cache_dir, precision) builds what the backend loads (in the parent,
-untimed); Runner(artifact, threads) loads it (timed, in the worker process) and
+untimed); Runner(artifact, threads, precision) loads it (timed, in the worker process) and
 Runner.generate(prompt_ids, n_new) decodes exactly n_new tokens greedily (eos ignored),
 returning the ids and a perf_counter stamp per token.
 """

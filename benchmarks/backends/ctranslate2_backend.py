@@ -33,7 +33,7 @@ def version() -> str:
 
 
 class Runner:
-    def __init__(self, artifact: Path, threads: int):
+    def __init__(self, artifact: Path, threads: int, precision: str = ""):
         import ctranslate2
 
         compute = "int8" if artifact.name.endswith("int8") else "float32"

@@ -101,7 +101,7 @@ def version() -> str:
 
 
 class Runner:
-    def __init__(self, artifact: Path, threads: int):
+    def __init__(self, artifact: Path, threads: int, precision: str = ""):
         import llama_cpp
         import llama_cpp.llama as llama_module
 

@@ -44,7 +44,7 @@ def version() -> str:
 
 
 class Runner:
-    def __init__(self, artifact: Path, threads: int):
+    def __init__(self, artifact: Path, threads: int, precision: str = ""):
         import onnxruntime as ort
         import torch
         from optimum.onnxruntime import ORTModelForCausalLM

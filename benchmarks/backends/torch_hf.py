@@ -28,7 +28,7 @@ def version() -> str:
 
 
 class Runner:
-    def __init__(self, artifact: Path, threads: int):
+    def __init__(self, artifact: Path, threads: int, precision: str = ""):
         import torch
         from transformers import AutoModelForCausalLM
 
