@@ -25,8 +25,12 @@ def _git_sha() -> str | None:
 
 
 def kv_value_bytes(backend: str, precision: str) -> int:
-    """Bytes per cached key/value element: llama.cpp keeps an f16 cache, ours fp16 when asked (-kv16)."""
-    return 2 if backend == "llamacpp" or precision.endswith("-kv16") else 4
+    """Bytes per cached key/value element: llama.cpp keeps an f16 cache; ours as its precision says."""
+    if backend == "ours":
+        from dialogpt_edge.benchmarks.backends.ours import cache_dtype
+
+        return 2 if cache_dtype(precision) == "fp16" else 4
+    return 2 if backend == "llamacpp" else 4
 
 
 def make_record(*, plan, backend, precision, threads, n_prompt, passes, reference_ids, weights_bytes, config, bandwidth_gbps) -> dict:

@@ -33,9 +33,13 @@ GRAPH_LAYOUT = "gqa-inplace-v1"
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
 CACHE_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
-# fp32 by measurement: onnxruntime's CPU GroupQueryAttention in fp16 costs more per step than the bytes it
-# saves until the context passes ~500 tokens (benchmarks/results/experiments.md, context-sweep/)
-DEFAULT_CACHE_DTYPE = "fp32"
+
+
+def default_cache_dtype(quantize: str) -> str:
+    """fp16 for quantized weights: half the cache bytes per step, and with the runtime's allocator
+    settings decoding is faster at every context measured (benchmarks/results/experiments.md).
+    fp32 weights keep an fp32 cache, so their greedy ids stay exactly PyTorch's."""
+    return "fp32" if quantize == "none" else "fp16"
 # HF activation name -> how this graph computes it (FastGelu is the tanh approximation)
 _ACTIVATIONS = {"gelu_new": "FastGelu", "gelu_pytorch_tanh": "FastGelu", "gelu_fast": "FastGelu", "gelu": "BiasGelu"}
 

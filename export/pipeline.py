@@ -92,7 +92,7 @@ def export_model(
     started = time.perf_counter()
     if quantize not in quantize_mod.SCHEMES:
         raise UserError(f"unknown --quantize {quantize!r} (choose one of: {', '.join(quantize_mod.SCHEMES)})")
-    kv_cache = kv_cache or builder.DEFAULT_CACHE_DTYPE
+    kv_cache = kv_cache or builder.default_cache_dtype(quantize)
     if kv_cache not in builder.CACHE_DTYPES:
         raise UserError(f"unknown --kv-cache {kv_cache!r} (choose one of: {', '.join(builder.CACHE_DTYPES)})")
     output = Path(output).expanduser().resolve()

@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
                      help="int4 compute: 4 = int8 activations (fastest on CPUs), 0 = as the input type")
     exp.add_argument("--kv-cache", choices=("fp16", "fp32"), default=None,
-                     help="KV cache precision (default fp32; fp16 halves the cache and is faster past ~500 tokens of context)")
+                     help="KV cache precision (default: fp16 for int8/int4, fp32 for unquantized weights, which keeps their "
+                          "greedy ids exactly PyTorch's)")
     exp.add_argument("--no-verify", action="store_true", help="skip the quantized-vs-fp32 fidelity measurement")
     exp.add_argument("--fidelity-tokens", type=int, default=8192, help="held-out dialog tokens for the fidelity measurement")
     exp.set_defaults(handler=_cmd_export)

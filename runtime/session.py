@@ -68,6 +68,11 @@ def session_options(threads: int) -> ort.SessionOptions:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    # No memory arena: GroupQueryAttention over an fp16 cache allocates per head from both threads,
+    # and the arena's lock turned a 17 us attention step into 85-100 us; plain malloc keeps it at 17.
+    # Decode with an fp32 cache and the int4 path are no slower without it
+    # (benchmarks/results/experiments.md).
+    opts.enable_cpu_mem_arena = False
     return opts
 
 

@@ -20,7 +20,7 @@ def test_bench_two_backends(tiny_checkpoint, tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-m", "dialogpt_edge.runtime", "bench", "--model", str(tiny_checkpoint), "--backends", "ours,pytorch",
-         "--precisions", "fp32,fp32-prepacked,int8-kv16", "--prompt-tokens", "16,40", "--new-tokens", "6", "--passes", "2", "--runs", "1",
+         "--precisions", "fp32,fp32-prepacked,int8", "--prompt-tokens", "16,40", "--new-tokens", "6", "--passes", "2", "--runs", "1",
          "--chat-turns", "3", "--output", str(out), "--cache-dir", str(tmp_path / "cache")],
         capture_output=True, text=True, env=run_env(), timeout=900,
     )
@@ -28,10 +28,10 @@ def test_bench_two_backends(tiny_checkpoint, tmp_path):
     data = json.loads((out / f"{tiny_checkpoint.name}.json").read_text())
     records = data["records"]
     combos = {(r["backend"], r["precision"], r["prompt_tokens"]) for r in records}
-    assert combos == {(b, p, n) for b, p in [("ours", "fp32"), ("ours", "fp32-prepacked"), ("ours", "int8-kv16"), ("pytorch", "fp32")] for n in (16, 40)}
+    assert combos == {(b, p, n) for b, p in [("ours", "fp32"), ("ours", "fp32-prepacked"), ("ours", "int8"), ("pytorch", "fp32")] for n in (16, 40)}
     # -prepacked opens the same export from its prepacked copy: no second export
-    assert [p.name for p in (tmp_path / "cache").glob("*/ours-fp32*")] == ["ours-fp32"]
-    # -kv16 is the int8 model exported with an fp16 cache, and its floor counts 2-byte cache elements
+    assert [p.name for p in (tmp_path / "cache").glob("*/ours-fp32*")] == ["ours-fp32-kv32"]
+    # int8 is exported as export does by default, with an fp16 cache
     (export,) = (tmp_path / "cache").glob("*/ours-int8-kv16")
     manifest = json.loads((export / "manifest.json").read_text())
     assert (manifest["precision"]["weights"], manifest["precision"]["kv_cache"]) == ("int8", "fp16")
@@ -47,7 +47,7 @@ def test_bench_two_backends(tiny_checkpoint, tmp_path):
     assert len(chat["cached"]["ttft_ms"]) == len(chat["uncached"]["ttft_ms"]) == 3
     assert chat["cached"]["prefill_tokens"][1:] < chat["uncached"]["prefill_tokens"][1:]
     table = (out / f"{tiny_checkpoint.name}.md").read_text()
-    assert "| ours | int8-kv16 |" in table and "vs PyTorch" in table
+    assert "| ours | int8 |" in table and "vs PyTorch" in table
     assert (out / f"{tiny_checkpoint.name}_decode.png").stat().st_size > 1000
     assert (out / f"{tiny_checkpoint.name}_context.png").stat().st_size > 1000
 
@@ -71,3 +71,12 @@ def test_a_peer_that_is_not_installed_is_skipped_with_a_note(monkeypatch, tmp_pa
                         prompt_tokens=[8], new_tokens=2, threads=[1], runs=1, warmup=0, passes=1, output=tmp_path, command="")
     with pytest.raises(UserError, match=r"ctranslate2: skipped \(ctranslate2 not installed"):
         harness.run(plan)
+
+
+def test_memory_floor_counts_the_cache_each_precision_really_keeps():
+    from dialogpt_edge.benchmarks.record import kv_value_bytes
+
+    # ours follows export's defaults: fp16 cache for quantized weights, fp32 for fp32 weights
+    assert [kv_value_bytes("ours", p) for p in ("int8", "int4", "fp32")] == [2, 2, 4]
+    assert [kv_value_bytes("ours", p) for p in ("int8-kv32", "fp32-kv16", "int8-prepacked")] == [4, 2, 2]
+    assert kv_value_bytes("llamacpp", "q8_0") == 2 and kv_value_bytes("pytorch", "fp32") == 4

@@ -5,11 +5,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-# -kv16: the same weights with an fp16 KV cache (export --kv-cache fp16)
-# -prepacked: the same folder run from this CPU's prepacked copy (runtime/prepacked.py), written
-# here, untimed, so runs measure what every launch after the first costs
-PRECISIONS = ("fp32", "int8", "int4", "fp32-kv16", "int8-kv16", "int4-kv16", "fp32-prepacked", "int8-prepacked", "int4-prepacked")
+# A plain precision is what `export --quantize` writes by default (fp16 KV cache for int8 / int4,
+# fp32 for fp32); -kv16 / -kv32 pick the cache; -prepacked runs the same folder from this CPU's
+# prepacked copy (runtime/prepacked.py), written here, untimed, so runs measure later launches.
+_WEIGHTS = ("fp32", "int8", "int4")
+PRECISIONS = (*_WEIGHTS, *(f"{w}-kv{b}" for w in _WEIGHTS for b in (16, 32)), *(f"{w}-prepacked" for w in _WEIGHTS))
 PREPACKED = "-prepacked"
+
+
+def cache_dtype(precision: str) -> str:
+    """The KV cache dtype a precision runs with: "fp16" or "fp32"."""
+    from dialogpt_edge.export.builder import default_cache_dtype
+
+    weights, _, kv = precision.removesuffix(PREPACKED).partition("-kv")
+    return {"16": "fp16", "32": "fp32"}.get(kv) or default_cache_dtype("none" if weights == "fp32" else weights)
 
 
 def available() -> str | None:
@@ -20,16 +29,15 @@ def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
     from dialogpt_edge.export.pipeline import export_model
     from dialogpt_edge.runtime import ModelFolderError, load, open_model
 
-    prepacked = precision.endswith(PREPACKED)
-    precision = precision.removesuffix(PREPACKED)  # same folder; only how it is opened differs
-    out = cache_dir / f"ours-{precision}"
+    weights = precision.removesuffix(PREPACKED).partition("-kv")[0]
+    kv = cache_dtype(precision)
+    out = cache_dir / f"ours-{weights}-kv{kv[2:]}"  # named by what it holds: "int8" and "int8-kv16" share it
     try:
         load(out, verify_checksums=False)
     except ModelFolderError:  # not there yet, or written by an older version of the exporter
-        weights, _, kv = precision.partition("-kv")
         export_model(str(checkpoint), out, force=True, quantize="none" if weights == "fp32" else weights,
-                     kv_cache="fp16" if kv == "16" else "fp32", fidelity_tokens=2048)
-    if prepacked:
+                     kv_cache=kv, fidelity_tokens=2048)
+    if precision.endswith(PREPACKED):
         open_model(out, prepack=True)
     return out
 
