@@ -136,11 +136,13 @@ def run(plan: Plan) -> list[dict]:
         print(f"preparing {name} {precision} ...", file=sys.stderr, flush=True)
         artifacts[(name, precision)] = backend_module(name).prepare(plan.checkpoint, plan.cache, precision)
     config = json.loads((plan.checkpoint / "config.json").read_text())
+    # The floor is a physical bound, so its denominator is the best bandwidth seen: probed before and
+    # after each block of passes, because one probe that a neighbour slows makes every floor look beaten.
     print("measuring memory read bandwidth ...", file=sys.stderr, flush=True)
-    bandwidth = machine.read_bandwidth_gbps(threads=max(plan.threads))
+    probes = [machine.read_bandwidth_gbps(threads=max(plan.threads))]
 
     all_prompt_ids = prompt_ids(plan.checkpoint, max(plan.prompt_tokens))  # tokenize once, slice per length
-    records = []
+    blocks = []
     for threads in plan.threads:
         for n_prompt in plan.prompt_tokens:
             ids = all_prompt_ids[:n_prompt]
@@ -153,16 +155,22 @@ def run(plan: Plan) -> list[dict]:
                         "backend": name, "precision": precision, "artifact": str(artifacts[(name, precision)]),
                         "threads": threads, "prompt_ids": ids, "new_tokens": plan.new_tokens, "runs": plan.runs, "warmup": plan.warmup,
                     }))
-            baseline = results.get(("pytorch", "fp32"))
-            reference = baseline[0]["runs"][0]["ids"] if baseline else None
-            for (name, precision), passes in results.items():
-                records.append(record.make_record(
-                    plan=plan, backend=name, precision=precision, threads=threads, n_prompt=n_prompt, passes=passes,
-                    reference_ids=reference, weights_bytes=_weights_bytes(artifacts[(name, precision)]),
-                    config=config, bandwidth_gbps=bandwidth,
-                ))
+            blocks.append((threads, n_prompt, results))
+            probes.append(machine.read_bandwidth_gbps(threads=max(plan.threads)))
+    bandwidth = max(probes)
+    records = []
+    for threads, n_prompt, results in blocks:
+        baseline = results.get(("pytorch", "fp32"))
+        reference = baseline[0]["runs"][0]["ids"] if baseline else None
+        for (name, precision), passes in results.items():
+            records.append(record.make_record(
+                plan=plan, backend=name, precision=precision, threads=threads, n_prompt=n_prompt, passes=passes,
+                reference_ids=reference, weights_bytes=_weights_bytes(artifacts[(name, precision)]),
+                config=config, bandwidth_gbps=bandwidth,
+            ))
     for r in records:
         r["notes"] = notes
+        r["bandwidth_probes_gbps"] = [round(b, 2) for b in probes]
     return records
 
 

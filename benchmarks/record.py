@@ -100,7 +100,8 @@ def to_markdown(records: list[dict], chat: dict | None = None) -> str:
                 f"{r['x_floor']:.2f} | {r['ttft_ms']:.1f} | {r['cold_start_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['model_size_mb']:.1f} | {match} |"
             )
         m = rows[0]["machine"]
-        lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores; memory read bandwidth {rows[0]['memory_bandwidth_gbps']:.1f} GB/s. "
+        lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores; memory read bandwidth {rows[0]['memory_bandwidth_gbps']:.1f} GB/s"
+                  + (f" (best of probes {', '.join(f'{b:.1f}' for b in rows[0]['bandwidth_probes_gbps'])})" if rows[0].get("bandwidth_probes_gbps") else "") + ". "
                   f"Medians over {rows[0]['passes']} rotated passes x {rows[0]['runs']} runs. Command: `{rows[0]['command']}`.", ""]
     if chat:
         lines += [f"**Chat, time to first token per turn** ({chat['precision']}, {chat['threads']} threads, greedy 24-token replies)", "",
