@@ -42,7 +42,7 @@ def test_bench_two_backends(tiny_checkpoint, tmp_path):
         assert r["decode_ms_median"] > 0 and r["peak_rss_mb"] > 0 and r["floor_ms"] > 0
         assert r["backend_version"] and r["machine"]["cores"] >= 1
         # bandwidth probed before and after each prompt length's passes; the floor uses the best
-        assert len(r["bandwidth_probes_gbps"]) == 3 and r["memory_bandwidth_gbps"] == max(r["bandwidth_probes_gbps"])
+        assert len(r["bandwidth_probes_gbps"]) == 3 and abs(r["memory_bandwidth_gbps"] - max(r["bandwidth_probes_gbps"])) < 0.01
     # our fp32 graph decodes exactly what PyTorch does
     assert all(r["greedy_match_vs_torch"] == 1.0 for r in records if r["precision"].startswith("fp32"))
     chat = data["chat"]
