@@ -168,9 +168,10 @@ def run(plan: Plan) -> list[dict]:
                 reference_ids=reference, weights_bytes=_weights_bytes(artifacts[(name, precision)]),
                 config=config, bandwidth_gbps=bandwidth,
             ))
+    rounded = [round(b, 2) for b in probes]
     for r in records:
         r["notes"] = notes
-        r["bandwidth_probes_gbps"] = [round(b, 2) for b in probes]
+        r["bandwidth_probes_gbps"] = rounded
     return records
 
 

@@ -18,7 +18,7 @@ from dialogpt_edge.runtime.session import session_options
 
 
 def profile(model: Path, steps: int, prompt_tokens: int, threads: int) -> str:
-    session = open_model(model, threads=threads)  # the graph users run: this CPU's prepacked copy
+    session = open_model(model, threads=threads)  # the graph open_model() runs (prepacked if DIALOGPT_EDGE_PREPACK=1)
     spec = session.spec
     opts = session_options(threads)
     opts.enable_profiling = True

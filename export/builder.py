@@ -40,6 +40,8 @@ def default_cache_dtype(quantize: str) -> str:
     settings decoding is faster at every context measured (benchmarks/results/experiments.md).
     fp32 weights keep an fp32 cache, so their greedy ids stay exactly PyTorch's."""
     return "fp32" if quantize == "none" else "fp16"
+
+
 # HF activation name -> how this graph computes it (FastGelu is the tanh approximation)
 _ACTIVATIONS = {"gelu_new": "FastGelu", "gelu_pytorch_tanh": "FastGelu", "gelu_fast": "FastGelu", "gelu": "BiasGelu"}
 

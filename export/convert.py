@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from dialogpt_edge.runtime.errors import UserError
+from dialogpt_edge.runtime.errors import UserError, first_line
 
 # owner/name, as the hub spells ids; anything else that is not a local folder is a typo.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -66,9 +66,9 @@ def resolve_source(src: str) -> Source:
         config = AutoConfig.from_pretrained(ref)
     except (OSError, ValueError) as e:
         if is_local:
-            raise UserError(f"cannot read the config of {src}: {_first_line(e)} (check config.json)") from None
+            raise UserError(f"cannot read the config of {src}: {first_line(e)} (check config.json)") from None
         raise UserError(
-            f"cannot load {src} from the Hugging Face hub: {_first_line(e)} "
+            f"cannot load {src} from the Hugging Face hub: {first_line(e)} "
             "(check the id and your connection, or pass a local checkpoint folder)"
         ) from None
 
@@ -91,7 +91,7 @@ def load_torch_model(source: Source):
     try:
         model = AutoModelForCausalLM.from_pretrained(source.ref, dtype=torch.float32, attn_implementation="eager")
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the weights of {source.ref}: {_first_line(e)} (check the checkpoint folder)") from None
+        raise UserError(f"cannot load the weights of {source.ref}: {first_line(e)} (check the checkpoint folder)") from None
     return model.eval()
 
 
@@ -102,14 +102,9 @@ def load_hf_tokenizer(source: Source):
         tok = AutoTokenizer.from_pretrained(source.ref, use_fast=True)
     except (OSError, ValueError, TypeError) as e:
         raise UserError(
-            f"{source.ref} has no usable tokenizer: {_first_line(e)} "
+            f"{source.ref} has no usable tokenizer: {first_line(e)} "
             "(DialoGPT uses GPT-2's tokenizer: add vocab.json + merges.txt or tokenizer.json to the folder)"
         ) from None
     if not getattr(tok, "is_fast", False):
         raise UserError(f"{source.ref}: could not build a fast tokenizer (add tokenizer.json to the folder)")
     return tok
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -11,3 +11,9 @@ class ModelFolderError(UserError):
 
 class ContextLengthError(UserError):
     """A sequence that would run past the model's position table."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries' errors can run to pages), or its type's name."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -14,6 +14,7 @@ from .errors import ModelFolderError
 FORMAT_VERSION = 2  # 2: graph built by export/builder.py (GroupQueryAttention, in-place cache)
 MANIFEST_NAME = "manifest.json"
 MODEL_FILE = "model.onnx"
+DATA_FILE = MODEL_FILE + ".data"  # the weights, memory-mapped by onnxruntime
 TOKENIZER_FILE = "tokenizer.json"
 
 _ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "eos_token_id")

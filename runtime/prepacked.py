@@ -31,12 +31,11 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from .manifest import MODEL_FILE, ModelSpec
+from .manifest import DATA_FILE, MODEL_FILE, ModelSpec
 
 log = logging.getLogger(__name__)
 
 LAYOUT_VERSION = 1  # bump when what is written here changes
-DATA_FILE = MODEL_FILE + ".data"
 STAMP_FILE = "prepacked.json"
 # the copy holds the original weights, their packed forms and any matrix onnxruntime folds (fp32's
 # transposed lm_head): 2.0x the folder for int8 and int4, 2.3x for fp32 on the DialoGPT-small shape
@@ -50,6 +49,11 @@ def cache_root() -> Path:
         return Path(explicit)
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "dialogpt-edge"
+
+
+def entries_dir() -> Path:
+    """Where the copies live, one folder per cache_key()."""
+    return cache_root() / "prepacked"
 
 
 def enabled() -> bool:
@@ -82,7 +86,7 @@ def cache_key(spec: ModelSpec) -> str:
 
 def cached_graph(spec: ModelSpec) -> Path | None:
     """The prepacked graph for this folder on this CPU, if a complete copy is cached."""
-    entry = cache_root() / "prepacked" / cache_key(spec)
+    entry = entries_dir() / cache_key(spec)
     try:
         stamp = json.loads((entry / STAMP_FILE).read_text())
         if all((entry / name).stat().st_size == size for name, size in stamp["files"].items()):
@@ -100,11 +104,12 @@ def discard(graph: Path) -> None:
 def build(spec: ModelSpec, options: ort.SessionOptions, verified: Future | None = None) -> Path:
     """Write the prepacked copy and return its graph path.
 
-    `options` are the session options the copy will be loaded with. When `verified` is given (the
+    `options` create the writing session (graph optimisation as the loading sessions have it; the
+    thread count does not shape the copy). When `verified` is given (the
     folder's checksum pass), the copy is published only once it has succeeded, so a corrupted
     folder never leaves a cached copy keyed by the checksums it should have had.
     """
-    root = cache_root() / "prepacked"
+    root = entries_dir()
     root.mkdir(parents=True, exist_ok=True)
     need = SPACE_FACTOR * sum(p.stat().st_size for p in (spec.model_path, spec.path / DATA_FILE) if p.exists())
     free = shutil.disk_usage(root).free

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .errors import ContextLengthError, ModelFolderError, UserError
+from .errors import ContextLengthError, ModelFolderError, UserError, first_line
 from .kv_cache import KVCache
 from . import prepacked
 from .manifest import ModelSpec, load, verify_checksums
@@ -92,8 +92,7 @@ class Session:
                 str(self.graph), sess_options=session_options(self.threads), providers=["CPUExecutionProvider"]
             )
         except Exception as e:  # onnxruntime raises its own untyped errors
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelFolderError(f"onnxruntime cannot load {self.graph}: {first_line} (re-export the model)") from e
+            raise ModelFolderError(f"onnxruntime cannot load {self.graph}: {first_line(e)} (re-export the model)") from e
 
         inputs = {i.name: i for i in self._session.get_inputs()}
         expected = ["input_ids", "position_ids", *_SCALARS, "past_key_values.0.key"]
@@ -203,11 +202,10 @@ def _prepacked_graph(spec: ModelSpec, check) -> tuple[Path | None, str | None]:
     graph = prepacked.cached_graph(spec)
     if graph is not None:
         return graph, None
-    log.info("packing the weights of %s for this CPU, once (cached in %s)", spec.path.name, prepacked.cache_root() / "prepacked")
+    log.info("packing the weights of %s for this CPU, once (cached in %s)", spec.path.name, prepacked.entries_dir())
     try:
         return prepacked.build(spec, session_options(1), verified=check), None
     except UserError:
         raise  # the folder's checksum mismatch, which the caller reports
     except Exception as e:  # an unwritable cache, a full disk, onnxruntime refusing the graph
-        text = str(e).strip()
-        return None, text.splitlines()[0] if text else type(e).__name__
+        return None, first_line(e)

@@ -13,12 +13,17 @@ PRECISIONS = (*_WEIGHTS, *(f"{w}-kv{b}" for w in _WEIGHTS for b in (16, 32)), *(
 PREPACKED = "-prepacked"
 
 
-def cache_dtype(precision: str) -> str:
-    """The KV cache dtype a precision runs with: "fp16" or "fp32"."""
+def _parse(precision: str) -> tuple[str, str]:
+    """A bench precision -> (export's --quantize, the KV cache dtype it runs with: "fp16" or "fp32")."""
     from dialogpt_edge.export.builder import default_cache_dtype
 
     weights, _, kv = precision.removesuffix(PREPACKED).partition("-kv")
-    return {"16": "fp16", "32": "fp32"}.get(kv) or default_cache_dtype("none" if weights == "fp32" else weights)
+    quantize = "none" if weights == "fp32" else weights
+    return quantize, {"16": "fp16", "32": "fp32"}.get(kv) or default_cache_dtype(quantize)
+
+
+def cache_dtype(precision: str) -> str:
+    return _parse(precision)[1]
 
 
 def available() -> str | None:
@@ -29,14 +34,13 @@ def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
     from dialogpt_edge.export.pipeline import export_model
     from dialogpt_edge.runtime import ModelFolderError, load, open_model
 
-    weights = precision.removesuffix(PREPACKED).partition("-kv")[0]
-    kv = cache_dtype(precision)
+    quantize, kv = _parse(precision)
+    weights = "fp32" if quantize == "none" else quantize
     out = cache_dir / f"ours-{weights}-kv{kv[2:]}"  # named by what it holds: "int8" and "int8-kv16" share it
     try:
         load(out, verify_checksums=False)
     except ModelFolderError:  # not there yet, or written by an older version of the exporter
-        export_model(str(checkpoint), out, force=True, quantize="none" if weights == "fp32" else weights,
-                     kv_cache=kv, fidelity_tokens=2048)
+        export_model(str(checkpoint), out, force=True, quantize=quantize, kv_cache=kv, fidelity_tokens=2048)
     if precision.endswith(PREPACKED):
         open_model(out, prepack=True)
     return out
