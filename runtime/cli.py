@@ -275,10 +275,22 @@ def _show_runtime_notices() -> None:
         logger.setLevel(logging.INFO)
 
 
+def _lenient_text_streams() -> None:
+    """Bytes that are not text in the locale's encoding become U+FFFD instead of a traceback.
+
+    Under a strict locale, one stray byte piped into `chat` would stop the conversation, and a
+    reply character the terminal cannot show would stop it mid-sentence.
+    """
+    for stream in (sys.stdin, sys.stdout):
+        if hasattr(stream, "reconfigure"):  # a test may swap in a plain StringIO
+            stream.reconfigure(errors="replace")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _show_runtime_notices()
+    _lenient_text_streams()
     try:
         return args.handler(args)
     except UserError as e:

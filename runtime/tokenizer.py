@@ -18,7 +18,7 @@ class Tokenizer:
         self.eos_token_id = eos_token_id
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(_valid_unicode(text), add_special_tokens=False).ids
 
     def encode_turn(self, text: str) -> list[int]:
         """One DialoGPT turn: the text followed by the eos token."""
@@ -26,6 +26,26 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+
+def _valid_unicode(text: str) -> str:
+    """`text` with its lone surrogates replaced by U+FFFD, which tokenizers accepts.
+
+    Bytes that are not UTF-8 on a command line or a terminal reach Python as lone
+    surrogates (its surrogateescape handler); the tokenizers library refuses those
+    strings outright. The bytes are restored and decoded leniently, so the valid text
+    around them survives.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte (from JSON, say)
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace")
 
 
 class TextStream:

@@ -24,6 +24,15 @@ def test_piped_input_gives_one_reply_line_per_line(tiny_model):
     assert all(line.strip() for line in lines[:2])
 
 
+@pytest.mark.parametrize("io_encoding", ["utf-8:surrogateescape", "utf-8:strict", "ascii:strict"])
+def test_bytes_that_are_not_utf8_still_get_a_reply(tiny_model, io_encoding):
+    proc = subprocess.run(chat_cmd(tiny_model, "--seed", "0", "--max-new-tokens", "6"), input=b"caf\xe9?\nHi\n",
+                          capture_output=True, env={**run_env(), "PYTHONIOENCODING": io_encoding}, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert proc.stderr == b""
+    assert len(proc.stdout.decode().split("\n")) == 3, proc.stdout
+
+
 def test_piped_chat_is_reproducible_with_a_seed(tiny_model):
     run = lambda seed: subprocess.run(chat_cmd(tiny_model, "--seed", str(seed), "--max-new-tokens", "8"), input="Hi\nAnd you?\n",
                                       capture_output=True, text=True, env=run_env(), timeout=120).stdout

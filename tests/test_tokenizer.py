@@ -31,3 +31,13 @@ def test_stream_never_splits_a_character(tiny_model):
     # the emoji is byte-level split over several tokens yet arrives as one chunk
     assert len(tok.encode("🙂")) > 1
     assert any("🙂" in c for c in chunks)
+
+
+def test_undecodable_input_bytes_become_replacement_characters(tiny_model):
+    tok = tokenizer(tiny_model)
+    reference = gpt2_tokenizer()
+    # b"caf\xe9 ok" read as UTF-8 under surrogateescape, as argv and stdin arrive
+    escaped = b"caf\xe9 ok".decode("utf-8", "surrogateescape")
+    assert tok.encode(escaped) == reference.encode("caf\ufffd ok")
+    # a lone surrogate that is no escaped byte
+    assert tok.encode("a\ud800b") == reference.encode("a\ufffd\ufffd\ufffdb")
