@@ -83,6 +83,19 @@ def resolve_checkpoint(model: str | None, shape: str | None, cache_root: Path) -
     return path.name, path, cache
 
 
+def check_context(checkpoint: Path, prompt_tokens: int, new_tokens: int) -> None:
+    """Every run must fit the model's positions; say so before any backend is exported or started."""
+    try:
+        positions = json.loads((checkpoint / "config.json").read_text()).get("n_positions")
+    except (OSError, ValueError):
+        return  # the export step reports an unreadable checkpoint in its own words
+    if positions and prompt_tokens + new_tokens > positions:
+        raise UserError(
+            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the model's {positions} positions "
+            f"(keep the sum at most {positions})"
+        )
+
+
 def prompt_ids(checkpoint: Path, n: int) -> list[int]:
     """The first n tokens of the held-out dialogs, in DialoGPT's format: the same for every backend."""
     from transformers import AutoTokenizer
@@ -205,12 +218,12 @@ def main(args) -> int:
             backend_module(b.strip())  # unknown names fail before any work
     cache_root = Path(args.cache_dir).expanduser() if args.cache_dir else DEFAULT_CACHE
     label, checkpoint, cache = resolve_checkpoint(args.model, args.shape, cache_root)
+    check_context(checkpoint, max(args.prompt_tokens), args.new_tokens)
     plan = Plan(
         label=label, checkpoint=checkpoint, cache=cache,
         backends=[b.strip() for b in args.backends.split(",") if b.strip()],
         precisions=[p.strip() for p in args.precisions.split(",") if p.strip()],
-        prompt_tokens=[int(x) for x in str(args.prompt_tokens).split(",")],
-        new_tokens=args.new_tokens, threads=[int(x) for x in str(args.threads).split(",")],
+        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
         runs=args.runs, warmup=args.warmup, passes=args.passes, output=Path(args.output),
         command="dialogpt-edge " + " ".join(sys.argv[1:]) if sys.argv and "dialogpt" in sys.argv[0] else "dialogpt-edge bench",
     )

@@ -44,11 +44,40 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+def _int_at_least(low: int):
+    """An argparse type: an integer >= low, or a usage error saying so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _threads(text: str) -> int:
+    """1 .. the machine's CPUs: more threads than CPUs only contend (and a typo like 99999 would stall start-up)."""
+    value = _int_at_least(1)(text)
+    cpus = os.cpu_count() or 1
+    if value > cpus:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {cpus} (the CPUs this machine has), got {value}")
     return value
+
+
+def _list_of(item):
+    """An argparse type: comma-separated values, each parsed by `item`."""
+
+    def parse(text: str) -> list:
+        values = [item(part.strip()) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError("needs at least one value")
+        return values
+
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_arg(gen)
     gen.add_argument("--prompt", required=True, help="prompt text; the eos token is appended, as DialoGPT expects")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=64, help="stop after this many new tokens")
-    gen.add_argument("--min-new-tokens", type=_positive_int, default=0, help="eos is banned before this many")
-    gen.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    gen.add_argument("--max-new-tokens", type=_int_at_least(0), default=64, help="stop after this many new tokens")
+    gen.add_argument("--min-new-tokens", type=_int_at_least(0), default=0, help="eos is banned before this many")
+    gen.add_argument("--threads", type=_threads, default=None, help="onnxruntime intra-op threads (default: all cores)")
     gen.add_argument("--json", action="store_true", help="print one JSON object with ids, text and timings")
     gen.set_defaults(handler=_cmd_generate)
 
@@ -101,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "or less if the model's positions minus --max-new-tokens are fewer)")
     chat.add_argument("--seed", type=int, default=None, help="make the conversation reproducible")
     chat.add_argument("--raw", action="store_true", help="show replies as generated (no punctuation tidying)")
-    chat.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    chat.add_argument("--threads", type=_threads, default=None, help="onnxruntime intra-op threads (default: all cores)")
     chat.set_defaults(handler=_cmd_chat)
 
     exp = sub.add_parser(
@@ -136,13 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--shape", choices=("small", "medium", "large"), help="a seeded random checkpoint in DialoGPT's real shape")
     bench.add_argument("--backends", default="ours,pytorch,optimum,ctranslate2,llamacpp", help="comma-separated; missing peers are skipped")
     bench.add_argument("--precisions", default="fp32,int8,int4", help="comma-separated; each backend runs those it supports (ours: fp32, int8, int4 as export writes them, each also as -kv16 / -kv32 to pick the KV cache, or -prepacked to run from the prepacked cache; llamacpp: q8_0, q4_0)")
-    bench.add_argument("--prompt-tokens", default="32", help="comma-separated context lengths, e.g. 64,256,512,900")
-    bench.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per run (eos ignored)")
-    bench.add_argument("--threads", default="2", help="comma-separated thread counts")
-    bench.add_argument("--runs", type=int, default=2, help="timed runs per pass")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed runs first, per pass")
-    bench.add_argument("--passes", type=int, default=3, help="rotated passes over all backends")
-    bench.add_argument("--chat-turns", type=int, default=0, help="also time first tokens over an N-turn chat, cache kept vs not")
+    bench.add_argument("--prompt-tokens", type=_list_of(_int_at_least(1)), default="32", help="comma-separated context lengths, e.g. 64,256,512,900")
+    bench.add_argument("--new-tokens", type=_int_at_least(1), default=64, help="tokens decoded per run (eos ignored)")
+    bench.add_argument("--threads", type=_list_of(_threads), default="2", help="comma-separated thread counts")
+    bench.add_argument("--runs", type=_int_at_least(1), default=2, help="timed runs per pass")
+    bench.add_argument("--warmup", type=_int_at_least(0), default=1, help="untimed runs first, per pass")
+    bench.add_argument("--passes", type=_int_at_least(1), default=3, help="rotated passes over all backends")
+    bench.add_argument("--chat-turns", type=_int_at_least(0), default=0, help="also time first tokens over an N-turn chat, cache kept vs not")
     bench.add_argument("--output", default="benchmarks/results", help="folder for the JSON, markdown and PNG files")
     bench.add_argument("--cache-dir", default=None, help="where exports are cached between runs (default ~/.cache/dialogpt-edge/bench)")
     bench.set_defaults(handler=_cmd_bench)

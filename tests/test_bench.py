@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import run_env
 
 FIELDS = {
@@ -61,9 +63,35 @@ def test_unknown_backend_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown backend 'tensorflow'")
 
 
-def test_a_peer_that_is_not_installed_is_skipped_with_a_note(monkeypatch, tmp_path):
-    import pytest
+def bench_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dialogpt_edge.runtime", "bench", *args], capture_output=True, text=True,
+                          env=run_env(), timeout=300)
 
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--threads", "x"], "argument --threads: must be an integer >= 1, got 'x'"),
+    (["--prompt-tokens", "32,0"], "argument --prompt-tokens: must be >= 1, got 0"),
+    (["--passes", "0"], "argument --passes: must be >= 1"),
+    (["--new-tokens", "0"], "argument --new-tokens: must be >= 1"),
+])
+def test_bad_bench_settings_are_usage_errors(tiny_checkpoint, tmp_path, flags, fragment):
+    proc = bench_cli("--model", str(tiny_checkpoint), "--backends", "ours", "--cache-dir", str(tmp_path), *flags)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and fragment in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_runs_longer_than_the_model_fail_before_any_work(tiny_checkpoint, tmp_path):
+    proc = bench_cli("--model", str(tiny_checkpoint), "--backends", "ours", "--cache-dir", str(tmp_path),
+                     "--prompt-tokens", "32,1000", "--new-tokens", "64", "--output", str(tmp_path / "out"))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: --prompt-tokens 1000 + --new-tokens 64 exceed the model's 1024 positions (keep the sum at most 1024)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_peer_that_is_not_installed_is_skipped_with_a_note(monkeypatch, tmp_path):
     from dialogpt_edge.benchmarks import harness
     from dialogpt_edge.benchmarks.backends import backend_module
     from dialogpt_edge.runtime.errors import UserError

@@ -88,6 +88,16 @@ def test_usage_errors_exit_2():
     assert cli("frobnicate").returncode == 2
 
 
+@pytest.mark.parametrize("threads, fragment", [("0", "must be >= 1, got 0"), ("two", "must be an integer >= 1"),
+                                                ("99999", "must be between 1 and")])
+def test_thread_counts_are_checked_before_loading(threads, fragment):
+    # 99999 used to be handed to onnxruntime, which started that many threads
+    proc = cli("generate", "--prompt", "Hi", "--threads", threads)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: argument --threads: ") and fragment in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_export_without_the_extra_names_the_fix(monkeypatch, capsys):
     import sys
 
