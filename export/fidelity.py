@@ -12,6 +12,7 @@ from dialogpt_edge.runtime.tokenizer import Tokenizer
 from . import dialogs
 
 DEFAULT_TOKENS = 8192
+MIN_TOKENS = 256  # fewer and the perplexity ratio is noise, yet would be recorded as a measurement
 
 
 @dataclass(frozen=True)

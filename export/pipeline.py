@@ -92,6 +92,9 @@ def export_model(
     started = time.perf_counter()
     if quantize not in quantize_mod.SCHEMES:
         raise UserError(f"unknown --quantize {quantize!r} (choose one of: {', '.join(quantize_mod.SCHEMES)})")
+    if verify_fidelity and fidelity_tokens < fidelity.MIN_TOKENS:
+        raise UserError(f"--fidelity-tokens {fidelity_tokens} is too few to measure anything "
+                        f"(use at least {fidelity.MIN_TOKENS}, or --no-verify to skip the measurement)")
     kv_cache = kv_cache or builder.default_cache_dtype(quantize)
     if kv_cache not in builder.CACHE_DTYPES:
         raise UserError(f"unknown --kv-cache {kv_cache!r} (choose one of: {', '.join(builder.CACHE_DTYPES)})")

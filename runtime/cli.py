@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="KV cache precision (default: fp16 for int8/int4, fp32 for unquantized weights, which keeps their "
                           "greedy ids exactly PyTorch's)")
     exp.add_argument("--no-verify", action="store_true", help="skip the quantized-vs-fp32 fidelity measurement")
-    exp.add_argument("--fidelity-tokens", type=int, default=8192, help="held-out dialog tokens for the fidelity measurement")
+    exp.add_argument("--fidelity-tokens", type=int, default=8192, help="held-out dialog tokens for the fidelity measurement (at least 256)")
     exp.set_defaults(handler=_cmd_export)
 
     bench = sub.add_parser(

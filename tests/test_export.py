@@ -88,6 +88,13 @@ def test_existing_output_is_refused_without_force(tiny_checkpoint, model_copy):
     assert sha256_file(model_copy / "manifest.json") == before
 
 
+def test_too_few_fidelity_tokens_are_refused_before_any_work(tiny_checkpoint, tmp_path):
+    out = tmp_path / "few"
+    assert_one_line_error(export_cli(str(tiny_checkpoint), "--output", str(out), "--fidelity-tokens", "10"),
+                          "--fidelity-tokens 10 is too few", "--no-verify")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
 def test_force_replaces_a_model_folder(tiny_checkpoint, model_copy):
     (model_copy / "stale.txt").write_text("from an older export")
     proc = export_cli(str(tiny_checkpoint), "--output", str(model_copy), "--force")
