@@ -53,6 +53,11 @@ class Chat:
         self.config = config or SamplingConfig()
         n_positions = session.spec.n_positions
         limit = n_positions - self.config.max_new_tokens
+        if limit < 1:  # no room left for even one token of history
+            raise SamplingConfigError(
+                "max_new_tokens",
+                f"max_new_tokens must be below the model's {n_positions} positions, got {self.config.max_new_tokens}"
+            )
         if history_tokens is None:  # the default adapts to models with fewer positions
             history_tokens = max(1, min(DEFAULT_HISTORY_TOKENS, limit))
         if not 1 <= history_tokens <= limit:

@@ -47,6 +47,7 @@ def test_piped_chat_is_reproducible_with_a_seed(tiny_model):
         (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
         (["--temperature", "-1"], "--temperature must be"),
         (["--history-tokens", "2000"], "--history-tokens must be between 1 and 960"),
+        (["--max-new-tokens", "5000"], "--max-new-tokens must be below the model's 1024 positions, got 5000"),
     ],
 )
 def test_bad_settings_are_one_line_errors(tiny_model, flags, message):
