@@ -29,7 +29,7 @@ def kv_value_bytes(backend: str, precision: str) -> int:
     if backend == "ours":
         from dialogpt_edge.benchmarks.backends.ours import cache_dtype
 
-        return 2 if cache_dtype(precision) == "fp16" else 4
+        return {"int8": 1, "fp16": 2, "fp32": 4}[cache_dtype(precision)]
     return 2 if backend == "llamacpp" else 4
 
 

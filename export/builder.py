@@ -14,6 +14,7 @@ Graph contract (GRAPH_LAYOUT):
            total_sequence_length int32 scalar = seqlens_k.max() + 1,
            logits_to_keep int64 scalar (1 when decoding, seq for every position),
            past_key_values.{i}.key/value (batch, n_head, capacity, head_dim) in the cache dtype
+           (fp32, fp16, or int8 with fixed per-channel scales stored in the graph)
   outputs  logits float32 (batch, logits_to_keep, vocab),
            present.{i}.key/value: the past buffers with this run's positions written in;
            bind each to its past buffer and the cache never moves.
@@ -32,14 +33,15 @@ from dialogpt_edge.runtime.errors import UserError
 GRAPH_LAYOUT = "gqa-inplace-v1"
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
-CACHE_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
+CACHE_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
 
 
 def default_cache_dtype(quantize: str) -> str:
-    """fp16 for quantized weights: half the cache bytes per step, and with the runtime's allocator
-    settings decoding is faster at every context measured (benchmarks/results/experiments.md).
+    """int8 for quantized weights: a quarter of the fp32 cache's bytes per step, read through
+    onnxruntime's fused dequantizing attention kernels, and decoding is faster than with fp16 at
+    every context measured (benchmarks/results/experiments.md) for a fidelity cost within noise.
     fp32 weights keep an fp32 cache, so their greedy ids stay exactly PyTorch's."""
-    return "fp32" if quantize == "none" else "fp16"
+    return "fp32" if quantize == "none" else "int8"
 
 
 # HF activation name -> how this graph computes it (FastGelu is the tanh approximation)
@@ -76,12 +78,17 @@ class _Builder:
         return outputs
 
 
-def build_gpt2(weights: Mapping[str, np.ndarray], config, *, cache_dtype: str = "fp32") -> onnx.ModelProto:
+def build_gpt2(weights: Mapping[str, np.ndarray], config, *, cache_dtype: str = "fp32",
+               kv_scales: list[tuple[np.ndarray, np.ndarray]] | None = None) -> onnx.ModelProto:
     """weights: a GPT2LMHeadModel state dict as numpy arrays (names as transformers saves them).
 
     cache_dtype is a key of CACHE_DTYPES (export_model checks the user's choice before any work).
+    An int8 cache needs kv_scales: per layer, the (n_embd,) key and value scales (one per head
+    channel; a cached value is int8 * scale), from export/kv_scales.py.
     """
     check_config(config)
+    if cache_dtype == "int8" and (kv_scales is None or len(kv_scales) != config.n_layer):
+        raise ValueError("an int8 KV cache needs (key, value) scales for every layer")
     w = {k.removeprefix("transformer."): np.asarray(v, dtype=np.float32) for k, v in weights.items()}
     if not getattr(config, "tie_word_embeddings", True) and "lm_head.weight" not in w:
         raise UnsupportedConfig("the checkpoint unties the lm_head from the embedding but has no lm_head.weight")
@@ -104,11 +111,19 @@ def build_gpt2(weights: Mapping[str, np.ndarray], config, *, cache_dtype: str = 
         qkv = _linear(b, x, w, f"{p}.attn.c_attn", f"layer{i}_qkv")
         if cache_dtype == "fp16":
             qkv = b.node("Cast", [qkv], [f"{p}.qkv_half"], f"layer{i}_qkv_half", to=cache_onnx)[0]
+        attn_inputs = [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_sequence_length"]
+        quant = {}
+        if cache_dtype == "int8":
+            # activations stay fp32; the op quantizes each new key / value on write and reads the
+            # cache through fused dequantizing kernels (inputs 12 and 13 are its scales)
+            b.init(f"{p}.attn.k_cache_scale", kv_scales[i][0])
+            b.init(f"{p}.attn.v_cache_scale", kv_scales[i][1])
+            attn_inputs += [""] * 5 + [f"{p}.attn.k_cache_scale", f"{p}.attn.v_cache_scale"]
+            quant = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
         attn = b.node(
-            "GroupQueryAttention",
-            [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_sequence_length"],
+            "GroupQueryAttention", attn_inputs,
             [f"{p}.attn_out", f"present.{i}.key", f"present.{i}.value"],
-            f"layer{i}_attention", MS_DOMAIN, num_heads=n_head, kv_num_heads=n_head, scale=float(head_dim**-0.5),
+            f"layer{i}_attention", MS_DOMAIN, num_heads=n_head, kv_num_heads=n_head, scale=float(head_dim**-0.5), **quant,
         )[0]
         if cache_dtype == "fp16":
             attn = b.node("Cast", [attn], [f"{p}.attn_out_float"], f"layer{i}_attn_float", to=TensorProto.FLOAT)[0]

@@ -64,3 +64,16 @@ def encode_conversation(turns: list[str], encode, eos_token_id: int) -> list[int
         ids.extend(encode(turn))
         ids.append(eos_token_id)
     return ids
+
+
+def sequences(split: str, encode, eos_token_id: int, max_tokens: int, n_positions: int) -> list[list[int]]:
+    """Whole conversations of `split` in the DialoGPT format, each opened by an eos (as between
+    turns) and cut to the model's positions, until `max_tokens` next-token predictions in all."""
+    out, total = [], 0
+    for turns in conversations(split):
+        ids = [eos_token_id] + encode_conversation(turns, encode, eos_token_id)[: n_positions - 1]
+        out.append(ids[: max(2, max_tokens - total + 1)])
+        total += len(out[-1]) - 1
+        if total >= max_tokens:
+            break
+    return out

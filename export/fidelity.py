@@ -46,15 +46,7 @@ class Fidelity:
 
 def held_out_sequences(tokenizer: Tokenizer, max_tokens: int, n_positions: int) -> list[list[int]]:
     """Whole held-out conversations in the DialoGPT format, up to `max_tokens` in all."""
-    out, total = [], 0
-    for turns in dialogs.conversations("held_out"):
-        ids = dialogs.encode_conversation(turns, tokenizer.encode, tokenizer.eos_token_id)
-        ids = [tokenizer.eos_token_id] + ids[: n_positions - 1]  # an eos opens each dialog, as between turns
-        out.append(ids[: max(2, max_tokens - total + 1)])
-        total += len(out[-1]) - 1
-        if total >= max_tokens:
-            break
-    return out
+    return dialogs.sequences("held_out", tokenizer.encode, tokenizer.eos_token_id, max_tokens, n_positions)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

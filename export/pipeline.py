@@ -17,7 +17,7 @@ from dialogpt_edge.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, MODEL_
 from dialogpt_edge.runtime.session import Session
 from dialogpt_edge.runtime.tokenizer import Tokenizer
 
-from . import builder, convert, fidelity, verify
+from . import builder, convert, fidelity, kv_scales, verify
 from . import quantize as quantize_mod
 from .builder import save_model
 
@@ -109,7 +109,7 @@ def export_model(
     # the fp32-cache fp32 graph is what PyTorch verifies; anything else ships a second graph, measured against it
     derived = quantized or kv_cache != "fp32"
     label = (quantize if quantized else "fp32") + (f" with an {kv_cache} KV cache" if kv_cache != "fp32" else "")
-    progress = Progress(total=5 + quantized + (derived and verify_fidelity))
+    progress = Progress(total=5 + quantized + (kv_cache == "int8") + (derived and verify_fidelity))
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -143,8 +143,16 @@ def export_model(
             del model
 
         report = None
+        scales = calibration = None
+        if kv_cache == "int8":
+            progress.step("measuring the int8 KV cache's scales on training dialogs")
+            runtime_tok = Tokenizer(staging / TOKENIZER_FILE, spec.eos_token_id)
+            sequences = kv_scales.training_sequences(runtime_tok.encode, spec.eos_token_id, kv_scales.DEFAULT_TOKENS, spec.n_positions)
+            scales = kv_scales.calibrate(reference, sequences)
+            calibration = {"data": "chitchat-dataset training split", "tokens": sum(len(q) for q in sequences),
+                           "scales": "per head channel: largest magnitude seen / 127"}
         if kv_cache != "fp32":
-            graph = builder.build_gpt2(weights, src.config, cache_dtype=kv_cache)
+            graph = builder.build_gpt2(weights, src.config, cache_dtype=kv_cache, kv_scales=scales)
         del weights
         if quantized:
             progress.step(f"quantizing weights to {quantize}")
@@ -170,7 +178,7 @@ def export_model(
         shutil.rmtree(work)
 
         progress.step("writing manifest.json")
-        write_manifest(staging, _manifest(spec, src, parity, fused, report, fid, verify_fidelity, kv_cache, time.perf_counter() - started))
+        write_manifest(staging, _manifest(spec, src, parity, fused, report, fid, verify_fidelity, kv_cache, calibration, time.perf_counter() - started))
         progress.step(f"moving into {output}")
         _install(staging, output)
         progress.done()
@@ -216,7 +224,8 @@ def _spec_for(folder: Path, config, tokenizer) -> ModelSpec:
     )
 
 
-def _manifest(spec, src, parity, fused, report, fid, verify_fidelity: bool, kv_cache: str, seconds: float) -> dict:
+def _manifest(spec, src, parity, fused, report, fid, verify_fidelity: bool, kv_cache: str, kv_calibration: dict | None,
+              seconds: float) -> dict:
     derived = report is not None or kv_cache != "fp32"
     weights = report.scheme if report else "fp32"
     return {
@@ -238,6 +247,7 @@ def _manifest(spec, src, parity, fused, report, fid, verify_fidelity: bool, kv_c
             "weights": weights,
             "activations": "fp32" if not report else ("int8 dynamic (per row)" if weights == "int8" else "int8 (accuracy_level 4)" if report.accuracy_level == 4 else "fp32"),
             "kv_cache": kv_cache,
+            **({"kv_cache_calibration": kv_calibration} if kv_calibration else {}),
             "quantization": report.to_dict() if report else None,
         },
         "graph": {"builder": "dialogpt-edge", "layout": builder.GRAPH_LAYOUT, "fused": fused},

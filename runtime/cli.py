@@ -148,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: the widest that divides the model width, 128 for DialoGPT)")
     exp.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
                      help="int4 compute: 4 = int8 activations (fastest on CPUs), 0 = as the input type")
-    exp.add_argument("--kv-cache", choices=("fp16", "fp32"), default=None,
-                     help="KV cache precision (default: fp16 for int8/int4, fp32 for unquantized weights, which keeps their "
-                          "greedy ids exactly PyTorch's)")
+    exp.add_argument("--kv-cache", choices=("fp16", "fp32", "int8"), default=None,
+                     help="KV cache precision (default: int8 for int8/int4 weights, with per-channel scales measured on "
+                          "training dialogs; fp32 for unquantized weights, which keeps their greedy ids exactly PyTorch's)")
     exp.add_argument("--no-verify", action="store_true", help="skip the quantized-vs-fp32 fidelity measurement")
     exp.add_argument("--fidelity-tokens", type=int, default=8192, help="held-out dialog tokens for the fidelity measurement (at least 256)")
     exp.set_defaults(handler=_cmd_export)

@@ -18,7 +18,7 @@ from .manifest import ModelSpec, load, verify_checksums
 
 log = logging.getLogger(__name__)
 
-_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 _SCALARS = ("seqlens_k", "total_sequence_length", "logits_to_keep")
 
 

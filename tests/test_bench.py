@@ -33,10 +33,10 @@ def test_bench_two_backends(tiny_checkpoint, tmp_path):
     assert combos == {(b, p, n) for b, p in [("ours", "fp32"), ("ours", "fp32-prepacked"), ("ours", "int8"), ("pytorch", "fp32")] for n in (16, 40)}
     # -prepacked opens the same export from its prepacked copy: no second export
     assert [p.name for p in (tmp_path / "cache").glob("*/ours-fp32*")] == ["ours-fp32-kv32"]
-    # int8 is exported as export does by default, with an fp16 cache
-    (export,) = (tmp_path / "cache").glob("*/ours-int8-kv16")
+    # int8 is exported as export does by default, with an int8 cache
+    (export,) = (tmp_path / "cache").glob("*/ours-int8-kv8")
     manifest = json.loads((export / "manifest.json").read_text())
-    assert (manifest["precision"]["weights"], manifest["precision"]["kv_cache"]) == ("int8", "fp16")
+    assert (manifest["precision"]["weights"], manifest["precision"]["kv_cache"]) == ("int8", "int8")
     for r in records:
         assert FIELDS <= set(r), FIELDS - set(r)
         assert r["new_tokens"] == 6 and len(r["per_run"]) == 2
@@ -106,7 +106,7 @@ def test_a_peer_that_is_not_installed_is_skipped_with_a_note(monkeypatch, tmp_pa
 def test_memory_floor_counts_the_cache_each_precision_really_keeps():
     from dialogpt_edge.benchmarks.record import kv_value_bytes
 
-    # ours follows export's defaults: fp16 cache for quantized weights, fp32 for fp32 weights
-    assert [kv_value_bytes("ours", p) for p in ("int8", "int4", "fp32")] == [2, 2, 4]
-    assert [kv_value_bytes("ours", p) for p in ("int8-kv32", "fp32-kv16", "int8-prepacked")] == [4, 2, 2]
+    # ours follows export's defaults: int8 cache for quantized weights, fp32 for fp32 weights
+    assert [kv_value_bytes("ours", p) for p in ("int8", "int4", "fp32")] == [1, 1, 4]
+    assert [kv_value_bytes("ours", p) for p in ("int8-kv32", "fp32-kv16", "int8-kv16", "int4-kv8", "int8-prepacked")] == [4, 2, 2, 1, 1]
     assert kv_value_bytes("llamacpp", "q8_0") == 2 and kv_value_bytes("pytorch", "fp32") == 4

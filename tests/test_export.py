@@ -184,6 +184,57 @@ def test_fp16_kv_cache_is_measured_against_the_fp32_reference(tiny_checkpoint, t
     np.testing.assert_allclose(session.forward(ids, session.new_cache()), reference.forward(ids, reference.new_cache()), atol=2e-2)
 
 
+def test_int8_kv_cache_is_calibrated_on_training_dialogs_and_measured_on_held_out_ones(tiny_checkpoint, tiny_model, tmp_path):
+    """--kv-cache int8: per-channel scales from the training split, fidelity from the held-out split."""
+    import numpy as np
+    import onnx
+
+    from dialogpt_edge.runtime import Session, load
+
+    folder = export_quietly(tiny_checkpoint, tmp_path / "kv8", "none", kv_cache="int8", fidelity_tokens=1024)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert (manifest["precision"]["weights"], manifest["precision"]["kv_cache"]) == ("fp32", "int8")
+    assert manifest["precision"]["kv_cache_calibration"]["data"] == "chitchat-dataset training split"
+    assert manifest["precision"]["kv_cache_calibration"]["tokens"] >= 8192
+    fid = manifest["fidelity"]["quantized_vs_fp32"]
+    assert fid["tokens"] >= 1000 and fid["top1_agreement"] > 0.95 and abs(fid["perplexity_ratio"] - 1) < 0.02
+
+    from conftest import TINY
+    from dialogpt_edge.export import dialogs
+    from dialogpt_edge.runtime import Tokenizer
+
+    model = onnx.load(str(folder / "model.onnx"))
+    attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == TINY["n_layer"] and all(len(n.input) == 14 for n in attention)
+    assert not [n for n in model.graph.node if n.op_type == "Cast"]  # activations stay fp32 around the int8 cache
+    reference = Session(load(tiny_model))
+    session = Session(load(folder))
+    # a scale is a channel's largest magnitude on the training dialogs over 127: a training
+    # conversation never exceeds it
+    tok = Tokenizer(reference.spec.tokenizer_path, reference.spec.eos_token_id)
+    (first,) = dialogs.sequences("train", tok.encode, tok.eos_token_id, 200, reference.spec.n_positions)[:1]
+    cache = reference.new_cache()
+    reference.forward(first, cache)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    for layer in range(TINY["n_layer"]):
+        for kind, buffers in (("k", cache.keys), ("v", cache.values)):
+            scale = inits[f"h.{layer}.attn.{kind}_cache_scale"].reshape(TINY["n_head"], -1)
+            seen = np.abs(buffers[layer][0, :, : cache.length]).max(axis=1)
+            assert np.all(scale > 0) and np.all(seen <= 127 * scale * (1 + 1e-5))
+
+    ids = [15496, 11, 703, 389, 345, 30, 50256, 40, 1101, 3621]
+    c = session.new_cache()
+    assert c.keys[0].dtype == np.int8
+    full = session.forward(ids, c)
+    exact = reference.forward(ids, reference.new_cache())
+    assert np.abs(full - exact).max() < 0.05 * np.abs(exact).max()  # int8 steps of each channel's range
+    # prompt then steps reads back the same cache as one pass over everything
+    c = session.new_cache()
+    session.forward(ids[:6], c)
+    steps = [session.decode_step(t, c) for t in ids[6:]]
+    np.testing.assert_allclose(np.stack(steps[:-1]), full[6:-1], atol=1e-3)
+
+
 @pytest.mark.parametrize("variant, message", [
     ({"activation_function": "relu"}, "activation_function 'relu' is not supported"),
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=true are not supported"),

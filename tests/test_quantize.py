@@ -52,10 +52,10 @@ def test_every_weight_matrix_is_quantized_and_nothing_else(request, scheme, op):
     q = manifest["precision"]["quantization"]
     assert (q["scheme"], q["quantized_matmuls"], q["expected_matmuls"]) == (scheme, 4 * N_LAYER + 1, 4 * N_LAYER + 1)
     assert "shared with lm_head" in q["embedding"]
-    # quantized exports default to an fp16 KV cache; the fp32 export (test_export) keeps an fp32 one
-    assert manifest["precision"]["kv_cache"] == "fp16"
+    # quantized exports default to an int8 KV cache; the fp32 export (test_export) keeps an fp32 one
+    assert manifest["precision"]["kv_cache"] == "int8"
     past = next(i for i in graph.input if i.name == "past_key_values.0.key")
-    assert past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert past.type.tensor_type.elem_type == onnx.TensorProto.INT8
 
 
 def test_sizes(tiny_model, tiny_int8, tiny_int4):

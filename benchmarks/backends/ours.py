@@ -5,21 +5,22 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-# A plain precision is what `export --quantize` writes by default (fp16 KV cache for int8 / int4,
-# fp32 for fp32); -kv16 / -kv32 pick the cache; -prepacked runs the same folder from this CPU's
+# A plain precision is what `export --quantize` writes by default (int8 KV cache for int8 / int4,
+# fp32 for fp32); -kv8 / -kv16 / -kv32 pick the cache; -prepacked runs the same folder from this CPU's
 # prepacked copy (runtime/prepacked.py), written here, untimed, so runs measure later launches.
 _WEIGHTS = ("fp32", "int8", "int4")
-PRECISIONS = (*_WEIGHTS, *(f"{w}-kv{b}" for w in _WEIGHTS for b in (16, 32)), *(f"{w}-prepacked" for w in _WEIGHTS))
+_CACHES = {"8": "int8", "16": "fp16", "32": "fp32"}
+PRECISIONS = (*_WEIGHTS, *(f"{w}-kv{b}" for w in _WEIGHTS for b in _CACHES), *(f"{w}-prepacked" for w in _WEIGHTS))
 PREPACKED = "-prepacked"
 
 
 def _parse(precision: str) -> tuple[str, str]:
-    """A bench precision -> (export's --quantize, the KV cache dtype it runs with: "fp16" or "fp32")."""
+    """A bench precision -> (export's --quantize, the KV cache dtype it runs with: "int8", "fp16" or "fp32")."""
     from dialogpt_edge.export.builder import default_cache_dtype
 
     weights, _, kv = precision.removesuffix(PREPACKED).partition("-kv")
     quantize = "none" if weights == "fp32" else weights
-    return quantize, {"16": "fp16", "32": "fp32"}.get(kv) or default_cache_dtype(quantize)
+    return quantize, _CACHES.get(kv) or default_cache_dtype(quantize)
 
 
 def cache_dtype(precision: str) -> str:
@@ -36,7 +37,7 @@ def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
 
     quantize, kv = _parse(precision)
     weights = "fp32" if quantize == "none" else quantize
-    out = cache_dir / f"ours-{weights}-kv{kv[2:]}"  # named by what it holds: "int8" and "int8-kv16" share it
+    out = cache_dir / f"ours-{weights}-kv{kv.removeprefix('fp').removeprefix('int')}"  # "int8" and "int8-kv8" share it
     try:
         load(out, verify_checksums=False)
     except ModelFolderError:  # not there yet, or written by an older version of the exporter
