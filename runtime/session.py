@@ -101,7 +101,13 @@ class Session:
             raise ModelFolderError(
                 f"{spec.model_path} lacks inputs {missing} this runtime needs (re-export the model with this version)"
             )
-        self.cache_dtype = _ORT_TO_NUMPY.get(inputs["past_key_values.0.key"].type, np.float32)
+        cache_type = inputs["past_key_values.0.key"].type
+        if cache_type not in _ORT_TO_NUMPY:  # a folder from a newer exporter
+            raise ModelFolderError(
+                f"{spec.model_path} keeps its KV cache as {cache_type}, which this runtime cannot hold "
+                "(upgrade dialogpt-edge, or re-export the model with this version)"
+            )
+        self.cache_dtype = _ORT_TO_NUMPY[cache_type]
         self._bindings: weakref.WeakKeyDictionary[KVCache, _Binding] = weakref.WeakKeyDictionary()
 
     def new_cache(self, capacity: int | None = None) -> KVCache:

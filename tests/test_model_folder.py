@@ -72,3 +72,15 @@ def test_manifest_without_architecture(model_copy):
     del manifest["architecture"]["n_head"]
     path.write_text(json.dumps(manifest))
     assert "n_head" in refusal(model_copy)
+
+
+def test_a_cache_type_this_runtime_cannot_hold_is_named(tiny_int8, monkeypatch):
+    # as a runtime from before the int8 cache would meet today's default export
+    from dialogpt_edge.runtime import session
+
+    monkeypatch.setattr(session, "_ORT_TO_NUMPY", {"tensor(float)": float, "tensor(float16)": float})
+    with pytest.raises(ModelFolderError) as info:
+        session.Session(load(tiny_int8))
+    message = str(info.value)
+    assert "keeps its KV cache as tensor(int8)" in message and "upgrade dialogpt-edge" in message
+    assert "\n" not in message
