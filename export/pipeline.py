@@ -144,9 +144,9 @@ def export_model(
 
         report = None
         scales = calibration = None
+        runtime_tok = Tokenizer(staging / TOKENIZER_FILE, spec.eos_token_id)  # the ids the runtime will see
         if kv_cache == "int8":
             progress.step("measuring the int8 KV cache's scales on training dialogs")
-            runtime_tok = Tokenizer(staging / TOKENIZER_FILE, spec.eos_token_id)
             sequences = kv_scales.training_sequences(runtime_tok.encode, spec.eos_token_id, kv_scales.DEFAULT_TOKENS, spec.n_positions)
             scales = kv_scales.calibrate(reference, sequences)
             calibration = {"data": "chitchat-dataset training split", "tokens": sum(len(q) for q in sequences),
@@ -166,7 +166,6 @@ def export_model(
             if verify_fidelity:
                 progress.step(f"measuring {label} fidelity on held-out dialogs")
                 shipped = Session(_spec_for(staging, src.config, tokenizer))
-                runtime_tok = Tokenizer(staging / TOKENIZER_FILE, spec.eos_token_id)
                 sequences = fidelity.held_out_sequences(runtime_tok, fidelity_tokens, spec.n_positions)
                 fid = fidelity.measure(reference, shipped, sequences)
                 del shipped

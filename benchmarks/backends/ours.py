@@ -37,7 +37,8 @@ def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
 
     quantize, kv = _parse(precision)
     weights = "fp32" if quantize == "none" else quantize
-    out = cache_dir / f"ours-{weights}-kv{kv.removeprefix('fp').removeprefix('int')}"  # "int8" and "int8-kv8" share it
+    suffix = next(bits for bits, dtype in _CACHES.items() if dtype == kv)
+    out = cache_dir / f"ours-{weights}-kv{suffix}"  # named by what it holds: "int8" and "int8-kv8" share it
     try:
         load(out, verify_checksums=False)
     except ModelFolderError:  # not there yet, or written by an older version of the exporter
