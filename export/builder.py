@@ -215,38 +215,83 @@ DATA_FILE_SUFFIX = ".data"
 _ALIGN = 4096  # page-aligned offsets let onnxruntime map each tensor straight from the file
 
 
+_VIEW = "view-of:"  # the location of a row_view() until save_model() gives it its base's place in the data file
+
+
+def row_view(base: onnx.TensorProto, start: int, stop: int, name: str) -> onnx.TensorProto:
+    """An initializer holding rows [start, stop) of `base` without a copy of its own.
+
+    save_model() points it at those rows of the base's bytes in the data file, and
+    onnxruntime maps it separately: a consumer that repacks its weights (and so releases
+    them) lets go of its view while another consumer of the base keeps reading the base.
+    Until saved, only its name, type and shape can be read.
+    """
+    row_bytes = int(np.prod(base.dims[1:], dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(base.data_type).itemsize
+    view = onnx.TensorProto(name=name, dims=[stop - start, *base.dims[1:]], data_type=base.data_type,
+                            data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", _VIEW + base.name), ("offset", str(start * row_bytes)), ("length", str((stop - start) * row_bytes))):
+        view.external_data.add(key=key, value=value)
+    return view
+
+
+def view_base(tensor: onnx.TensorProto) -> str | None:
+    """The name of the initializer a row_view() reads, or None for a tensor with data of its own."""
+    location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+    return location[len(_VIEW):] if location.startswith(_VIEW) else None
+
+
 def save_model(model: onnx.ModelProto, path) -> list:
     """Write model.onnx (the graph) and model.onnx.data (the weights, raw and page-aligned).
 
     Weights in a side file are memory-mapped by onnxruntime instead of parsed out of a
     protobuf and copied: measured on the DialoGPT-small shape (int8), session creation
     0.29 s -> 0.14 s and peak RSS 273 -> 213 MiB. It is also the only way past
-    protobuf's 2 GB limit (DialoGPT-large in fp32). `model` itself is left as it was.
+    protobuf's 2 GB limit (DialoGPT-large in fp32). A row_view() is written as a range
+    of its base's bytes, not as a copy. `model` itself is left as it was.
     """
     for stale in path.parent.glob(path.name + "*"):
         stale.unlink()
     data_name = path.name + DATA_FILE_SUFFIX
     inits = list(model.graph.initializer)
-    stubs = []
+    stubs, placed = {}, {}  # name -> what is saved; name -> offset of its bytes in the data file
     with open(path.parent / data_name, "wb") as f:
         for tensor in inits:
+            if view_base(tensor) is not None:
+                continue
             raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
             if len(raw) < 1024:
-                stubs.append(tensor)
+                stubs[tensor.name] = tensor
                 continue
             f.write(b"\0" * (-f.tell() % _ALIGN))
-            offset = f.tell()
+            placed[tensor.name] = f.tell()
             f.write(raw)
-            stub = onnx.TensorProto(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
-                                    data_location=onnx.TensorProto.EXTERNAL)
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                stub.external_data.add(key=key, value=value)
-            stubs.append(stub)
+            stubs[tensor.name] = _external(tensor, data_name, placed[tensor.name], len(raw))
+    by_name = {t.name: t for t in inits}
+    for tensor in inits:
+        base = view_base(tensor)
+        if base is None:
+            continue
+        ext = {e.key: int(e.value) for e in tensor.external_data if e.key != "location"}
+        if base in placed:
+            stubs[tensor.name] = _external(tensor, data_name, placed[base] + ext["offset"], ext["length"])
+        else:  # a base too small for the data file: the view gets its own copy of the rows
+            rows = numpy_helper.to_array(by_name[base]).reshape(by_name[base].dims[0], -1)
+            row_bytes = rows[0].nbytes
+            start = ext["offset"] // row_bytes
+            stubs[tensor.name] = numpy_helper.from_array(
+                rows[start : start + ext["length"] // row_bytes].reshape(tensor.dims), tensor.name)
     del model.graph.initializer[:]
-    model.graph.initializer.extend(stubs)
+    model.graph.initializer.extend(stubs[t.name] for t in inits)
     try:
         onnx.save_model(model, str(path))
     finally:
         del model.graph.initializer[:]
         model.graph.initializer.extend(inits)
     return [path, path.parent / data_name]
+
+
+def _external(tensor: onnx.TensorProto, data_name: str, offset: int, length: int) -> onnx.TensorProto:
+    stub = onnx.TensorProto(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type, data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+        stub.external_data.add(key=key, value=value)
+    return stub

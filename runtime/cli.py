@@ -142,12 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--output", "-o", required=True, help="model folder to write")
     exp.add_argument("--force", action="store_true", help="replace an existing output folder")
     exp.add_argument("--quantize", default="int8", choices=("none", "int8", "int4"),
-                     help="weights: int8 per-channel, int4 block-wise (MatMulNBits), or none (fp32)")
+                     help="weights: int8 per-channel (the tied embedding / lm_head in int8 blocks), "
+                          "int4 block-wise (MatMulNBits), or none (fp32)")
     exp.add_argument("--block-size", type=int, default=None, choices=(16, 32, 64, 128),
-                     help="int4 block size: smaller blocks are more exact, larger ones faster "
+                     help="block size of int4 weights and of the int8 embedding / lm_head: smaller blocks are more exact, larger ones faster "
                           "(default: the widest that divides the model width, 128 for DialoGPT)")
     exp.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
-                     help="int4 compute: 4 = int8 activations (fastest on CPUs), 0 = as the input type")
+                     help="block-quantized matmuls' compute: 4 = int8 activations (fastest on CPUs), 0 = as the input type")
     exp.add_argument("--kv-cache", choices=("fp16", "fp32", "int8"), default=None,
                      help="KV cache precision (default: int8 for int8/int4 weights, with per-channel scales measured on "
                           "training dialogs; fp32 for unquantized weights, which keeps their greedy ids exactly PyTorch's)")

@@ -27,17 +27,30 @@ def model_bytes(folder: Path) -> int:
 
 
 def float_matrices(graph: onnx.GraphProto) -> list[tuple[str, list[int]]]:
-    scales = {n.input[2] for n in graph.node if n.op_type in ("MatMulNBits", "DynamicQuantizeMatMul")}
+    scales = {n.input[2] for n in graph.node if n.op_type in ("MatMulNBits", "DynamicQuantizeMatMul", "GatherBlockQuantized")}
+    scales |= {n.input[0] for n in graph.node if n.op_type == "Reshape" and n.output[0] in scales}  # the embedding's, reshaped
     return [(i.name, list(i.dims)) for i in graph.initializer
             if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and i.name not in scales]
 
 
-@pytest.mark.parametrize("scheme, op", [("int8", "DynamicQuantizeMatMul"), ("int4", "MatMulNBits")])
-def test_every_weight_matrix_is_quantized_and_nothing_else(request, scheme, op):
+def quantized_op_counts(graph: onnx.GraphProto) -> dict[str, int]:
+    ops = [n.op_type for n in graph.node]
+    return {op: ops.count(op) for op in quantize.QUANTIZED_OPS if op in ops}
+
+
+# qkv, attention projection, fc, mlp projection per layer; the tied lm_head in parts, over one matrix
+EXPECTED_OPS = {
+    "int8": lambda n_layer: {"DynamicQuantizeMatMul": 4 * n_layer, "MatMulNBits": quantize.LM_HEAD_PARTS},
+    "int4": lambda n_layer: {"MatMulNBits": 4 * n_layer + quantize.LM_HEAD_PARTS},
+}
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_every_weight_matrix_is_quantized_and_nothing_else(request, scheme):
     folder = request.getfixturevalue(f"tiny_{scheme}")
     graph = graph_of(folder)
     ops = [n.op_type for n in graph.node]
-    assert ops.count(op) == 4 * N_LAYER + 1  # qkv, attention projection, fc, mlp projection per layer; lm_head
+    assert quantized_op_counts(graph) == EXPECTED_OPS[scheme](N_LAYER)
     assert "Gemm" not in ops
     # attention (QK^T, softmax x V over the cache) stays float, inside the fused op; no float MatMul is left
     assert ops.count("GroupQueryAttention") == N_LAYER
@@ -52,6 +65,15 @@ def test_every_weight_matrix_is_quantized_and_nothing_else(request, scheme, op):
     q = manifest["precision"]["quantization"]
     assert (q["scheme"], q["quantized_matmuls"], q["expected_matmuls"]) == (scheme, 4 * N_LAYER + 1, 4 * N_LAYER + 1)
     assert "shared with lm_head" in q["embedding"]
+    # the lm_head's parts read consecutive rows of the embedding's bytes in the data file: no second copy
+    lm_head = [n for n in graph.node if n.name.startswith("lm_head_int")]
+    [table] = {n.input[0] for n in graph.node if n.op_type == "GatherBlockQuantized"}
+    where = {i.name: {e.key: e.value for e in i.external_data} for i in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.initializer}
+    start = int(where[table]["offset"])
+    for part in lm_head:
+        assert int(where[part.input[1]]["offset"]) == start
+        start += int(where[part.input[1]]["length"])
+    assert start == int(where[table]["offset"]) + int(where[table]["length"])
     # quantized exports default to an int8 KV cache; the fp32 export (test_export) keeps an fp32 one
     assert manifest["precision"]["kv_cache"] == "int8"
     past = next(i for i in graph.input if i.name == "past_key_values.0.key")
@@ -174,11 +196,11 @@ def test_unknown_scheme_is_refused(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme, op, max_ratio", [("int8", "DynamicQuantizeMatMul", 0.30), ("int4", "MatMulNBits", 0.20)])
-def test_dialogpt_small_shape(small_checkpoint, small_model, tmp_path, scheme, op, max_ratio):
+@pytest.mark.parametrize("scheme, max_ratio", [("int8", 0.30), ("int4", 0.20)])
+def test_dialogpt_small_shape(small_checkpoint, small_model, tmp_path, scheme, max_ratio):
     folder = export_quietly(small_checkpoint, tmp_path / scheme, scheme, fidelity_tokens=1024)
     graph = graph_of(folder)
-    assert [n.op_type for n in graph.node].count(op) == 4 * 12 + 1
+    assert quantized_op_counts(graph) == EXPECTED_OPS[scheme](12)
     assert "Gemm" not in [n.op_type for n in graph.node]
     assert model_bytes(folder) <= max_ratio * model_bytes(small_model)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -187,7 +209,7 @@ def test_dialogpt_small_shape(small_checkpoint, small_model, tmp_path, scheme, o
     assert manifest["precision"]["quantization"]["quantized_matmuls"] == 49
 
 
-@pytest.mark.parametrize("scheme, block_size", [("int8", None), ("int4", 32), ("int4", 128)])
+@pytest.mark.parametrize("scheme, block_size", [("int8", None), ("int8", 32), ("int4", 32), ("int4", 128)])
 def test_embedding_rows_are_the_dequantized_lm_head_columns(tiny_checkpoint, tmp_path, scheme, block_size):
     """The token embedding reads the one quantized matrix: each row equals numpy's dequantization of it."""
     import onnxruntime as ort
@@ -206,11 +228,40 @@ def test_embedding_rows_are_the_dequantized_lm_head_columns(tiny_checkpoint, tmp
         if i.name.startswith("past_key_values"):
             feeds[i.name] = np.zeros((1, TINY["n_head"], 4, TINY["n_embd"] // TINY["n_head"]), np.float32)
     emb = session.run(["tok_emb"], feeds)[0][0]
+    block_size = block_size or quantize.default_block_size(TINY["n_embd"])
     if scheme == "int8":
-        q = inits["wte_lm_head_int8"].astype(np.float32)  # (n_embd, vocab)
-        expected = (q * inits["wte_lm_head_scale"]).T[ids[0]]
+        blocks, scale = inits["wte_lm_head_int8"], inits["wte_lm_head_int8_scales"]  # (vocab, blocks, bs), (vocab, blocks)
+        q = blocks.reshape(blocks.shape[0], -1).astype(np.float32) - 128
     else:
-        packed, scale = inits["wte_lm_head_int4"], inits["wte_lm_head_scales"]  # (vocab, blocks, bs/2), (vocab, blocks)
+        packed, scale = inits["wte_lm_head_int4"], inits["wte_lm_head_int4_scales"]  # (vocab, blocks, bs/2), (vocab, blocks)
         q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1).astype(np.float32) - 8
-        expected = (q * np.repeat(scale, block_size, axis=1))[:, : TINY["n_embd"]][ids[0]]
+    expected = (q * np.repeat(scale, block_size, axis=1))[:, : TINY["n_embd"]][ids[0]]
     np.testing.assert_allclose(emb, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_row_views_are_saved_as_ranges_of_their_base(tmp_path):
+    """A row_view() reads its rows of the base from the data file (no second copy); a view of a base
+    too small for the data file gets those rows inline."""
+    from onnx import helper, numpy_helper
+
+    from dialogpt_edge.export.builder import row_view, save_model
+
+    big = np.arange(600 * 8, dtype=np.uint8).reshape(600, 8)  # 4,800 bytes: goes to the data file
+    small = np.arange(12, dtype=np.float32).reshape(6, 2)  # 48 bytes: stays in the graph
+    inits = [numpy_helper.from_array(big, "big"), numpy_helper.from_array(small, "small")]
+    inits += [row_view(inits[0], 100, 350, "big_rows"), row_view(inits[1], 2, 5, "small_rows")]
+    outputs = [helper.make_tensor_value_info(n, t, None) for n, t in
+               (("big_out", onnx.TensorProto.UINT8), ("small_out", onnx.TensorProto.FLOAT))]
+    nodes = [helper.make_node("Identity", ["big_rows"], ["big_out"]), helper.make_node("Identity", ["small_rows"], ["small_out"])]
+    model = helper.make_model(helper.make_graph(nodes, "views", [], outputs, inits))
+    save_model(model, tmp_path / "model.onnx")
+
+    assert (tmp_path / "model.onnx.data").stat().st_size < 4096 + big.nbytes  # the big rows are there once
+    saved = {i.name: i for i in onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.initializer}
+    where = {name: {e.key: e.value for e in saved[name].external_data} for name in ("big", "big_rows")}
+    assert int(where["big_rows"]["offset"]) == int(where["big"]["offset"]) + 100 * 8
+    import onnxruntime as ort
+
+    got_big, got_small = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {})
+    np.testing.assert_array_equal(got_big, big[100:350])
+    np.testing.assert_array_equal(got_small, small[2:5])
