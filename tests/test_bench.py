@@ -32,7 +32,7 @@ def test_bench_two_backends(tiny_checkpoint, tmp_path):
     combos = {(r["backend"], r["precision"], r["prompt_tokens"]) for r in records}
     assert combos == {(b, p, n) for b, p in [("ours", "fp32"), ("ours", "fp32-prepacked"), ("ours", "int8"), ("pytorch", "fp32")] for n in (16, 40)}
     # -prepacked opens the same export from its prepacked copy: no second export
-    assert [p.name for p in (tmp_path / "cache").glob("*/ours-fp32*")] == ["ours-fp32-kv32"]
+    assert [p.name for p in (tmp_path / "cache").glob("*/ours-fp32*") if p.is_dir()] == ["ours-fp32-kv32"]
     # int8 is exported as export does by default, with an int8 cache
     (export,) = (tmp_path / "cache").glob("*/ours-int8-kv8")
     manifest = json.loads((export / "manifest.json").read_text())
@@ -110,3 +110,24 @@ def test_memory_floor_counts_the_cache_each_precision_really_keeps():
     assert [kv_value_bytes("ours", p) for p in ("int8", "int4", "fp32")] == [1, 1, 4]
     assert [kv_value_bytes("ours", p) for p in ("int8-kv32", "fp32-kv16", "int8-kv16", "int4-kv8", "int8-prepacked")] == [4, 2, 2, 1, 1]
     assert kv_value_bytes("llamacpp", "q8_0") == 2 and kv_value_bytes("pytorch", "fp32") == 4
+
+
+def test_a_cached_export_from_another_exporter_is_redone(tiny_int8, tmp_path, monkeypatch):
+    """The bench reuses its exports between runs, but not one that another version of the exporter wrote."""
+    import shutil
+
+    from dialogpt_edge.benchmarks.backends import ours
+    from dialogpt_edge.export import pipeline
+
+    cached = tmp_path / "ours-int8-kv8"
+    shutil.copytree(tiny_int8, cached)
+    exports = []
+    monkeypatch.setattr(pipeline, "export_model", lambda src, out, **kw: exports.append((src, out, kw)))
+
+    (tmp_path / "ours-int8-kv8.exporter").write_text(ours.exporter_stamp())
+    assert ours.prepare(tmp_path / "ckpt", tmp_path, "int8") == cached and exports == []
+
+    (tmp_path / "ours-int8-kv8.exporter").write_text("an older exporter")
+    assert ours.prepare(tmp_path / "ckpt", tmp_path, "int8") == cached
+    assert [(src, out, kw["quantize"], kw["kv_cache"]) for src, out, kw in exports] == [(str(tmp_path / "ckpt"), cached, "int8", "int8")]
+    assert (tmp_path / "ours-int8-kv8.exporter").read_text() == ours.exporter_stamp()

@@ -39,13 +39,30 @@ def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
     weights = "fp32" if quantize == "none" else quantize
     suffix = next(bits for bits, dtype in _CACHES.items() if dtype == kv)
     out = cache_dir / f"ours-{weights}-kv{suffix}"  # named by what it holds: "int8" and "int8-kv8" share it
+    stamp, current = out.with_name(out.name + ".exporter"), exporter_stamp()
     try:
         load(out, verify_checksums=False)
-    except ModelFolderError:  # not there yet, or written by an older version of the exporter
+        fresh = stamp.read_text() == current
+    except (ModelFolderError, OSError):  # not there yet, or from a runtime that cannot read it
+        fresh = False
+    if not fresh:  # also when another exporter wrote it: its graph may differ from what this one writes
         export_model(str(checkpoint), out, force=True, quantize=quantize, kv_cache=kv, fidelity_tokens=2048)
+        stamp.write_text(current)
     if precision.endswith(PREPACKED):
         open_model(out, prepack=True)
     return out
+
+
+def exporter_stamp() -> str:
+    """What decides a cached export's graph: this package's version and its exporter's source."""
+    import hashlib
+
+    from dialogpt_edge import export
+
+    digest = hashlib.sha256(version().encode())
+    for source in sorted(Path(export.__file__).parent.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def version() -> str:
