@@ -169,21 +169,20 @@ def _take_bias(g: _Graph, node: onnx.NodeProto, n: int) -> tuple[str, str]:
 # ---- int8: per-output-channel symmetric weights, activations quantized on the fly ----------
 
 
-def _int8_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """w (K, N) -> int8 (K, N) and a float32 scale per column."""
-    scale = np.abs(w).max(axis=0) / 127.0
+def _symmetric_int8(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """w -> int8 values in [-127, 127] and a float32 scale per slice along `axis` (the slice's absmax / 127)."""
+    scale = np.abs(w).max(axis=axis, keepdims=True) / 127.0
     scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
     q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-    return q, scale
+    return q, np.squeeze(scale, axis=axis)
 
 
-def _int8_matmul(g: _Graph, node: onnx.NodeProto, w: np.ndarray, stem: str) -> tuple[str, str]:
-    q, scale = _int8_columns(w)
+def _int8_matmul(g: _Graph, node: onnx.NodeProto, w: np.ndarray, stem: str) -> None:
+    q, scale = _symmetric_int8(w, axis=0)  # w (K, N): a scale per output column
     qname, sname = g.add_init(q, stem + "_int8"), g.add_init(scale, stem + "_scale")
     bias, out = _take_bias(g, node, w.shape[1])
     inputs = [node.input[0], qname, sname] + (["", bias] if bias else [])
     g.replace(node, [helper.make_node("DynamicQuantizeMatMul", inputs, [out], name=node.name + "_int8", domain=MS_DOMAIN)])
-    return qname, sname
 
 
 def quantize_int8(g: _Graph, tied: _Tied | None, *, block_size: int, accuracy_level: int) -> QuantReport:
@@ -230,10 +229,8 @@ def pack_int4_blocks(w_nk: np.ndarray, block_size: int) -> tuple[np.ndarray, np.
 
 def pack_int8_blocks(w_nk: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """w (N, K) -> MatMulNBits' 8-bit B (N, ceil(K/bs), bs) uint8 and scales (N, ceil(K/bs)); symmetric, zero point 128."""
-    blocks = _blocks(w_nk, block_size)
-    scale = np.abs(blocks).max(axis=-1) / 127.0
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    return (np.clip(np.rint(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8), scale
+    q, scale = _symmetric_int8(_blocks(w_nk, block_size), axis=-1)
+    return (q.astype(np.int16) + 128).astype(np.uint8), scale
 
 
 def _blocks(w_nk: np.ndarray, block_size: int) -> np.ndarray:
