@@ -80,6 +80,16 @@ def _list_of(item):
     return parse
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless it has none worth showing (None, False) or its help names it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, like every other error, with where to look (exit 2)."""
 
@@ -91,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dialogpt-edge",
         description="Fast DialoGPT on CPUs: export to ONNX, then generate without PyTorch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -99,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser(
         "generate",
         help="greedy continuation of one prompt",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     _add_model_arg(gen)
     gen.add_argument("--prompt", required=True, help="prompt text; the eos token is appended, as DialoGPT expects")
@@ -112,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser(
         "chat",
         help="talk to the model: interactive on a terminal, one reply line per input line when piped",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     _add_model_arg(chat)
     defaults = SamplingConfig()
@@ -136,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser(
         "export",
         help="convert a DialoGPT checkpoint (hub id or local folder) to a model folder",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     exp.add_argument("source", metavar="SRC", help="hub id (microsoft/DialoGPT-small) or local checkpoint folder")
     exp.add_argument("--output", "-o", required=True, help="model folder to write")
@@ -159,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="latency, memory and start-up against PyTorch and peer runtimes",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     what = bench.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", "-m", help="checkpoint to benchmark: hub id or local folder")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -104,3 +105,19 @@ def test_export_without_the_extra_names_the_fix(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "dialogpt_edge.export.pipeline", None)  # as if optimum & co. were missing
     assert main(["export", "some/model", "--output", "x"]) == 1
     assert "pip install 'dialogpt-edge[export]'" in capsys.readouterr().err
+
+
+def test_help_shows_only_defaults_that_say_something():
+    """--help never prints '(default: None)', nor a second default after one the help text gives."""
+    from dialogpt_edge.runtime.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            shown = formatter._get_help_string(action) or ""
+            assert "(default: None)" not in shown and "(default: False)" not in shown, (name, action.dest)
+            assert shown.count("(default:") <= 1, (name, action.dest, shown)
+    chat = " ".join(subparsers.choices["chat"].format_help().split())
+    assert "(default: 0.8)" in chat
