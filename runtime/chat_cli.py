@@ -47,6 +47,9 @@ def _piped(chat: Chat, tokenizer: Tokenizer, tidy: bool, stdin, stdout) -> int:
         text = line.strip()
         if not text:
             continue
+        if text == "/reset":  # lets one pipe carry several conversations
+            chat.reset()
+            continue
         parts: list[str] = []
         _stream_reply(chat, tokenizer, text, tidy, parts.append)
         # one reply per line, whatever the model generated

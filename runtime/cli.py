@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser(
         "chat",
-        help="talk to the model: interactive on a terminal, one reply line per input line when piped",
+        help="talk to the model: interactive on a terminal, one reply line per input line when piped (/reset starts a new conversation)",
         formatter_class=_HelpFormatter,
     )
     _add_model_arg(chat)

@@ -24,6 +24,15 @@ def test_piped_input_gives_one_reply_line_per_line(tiny_model):
     assert all(line.strip() for line in lines[:2])
 
 
+def test_piped_reset_starts_a_new_conversation_and_blank_lines_get_no_reply(tiny_model):
+    proc = subprocess.run(chat_cmd(tiny_model, "--temperature", "0", "--max-new-tokens", "8"), input="Hi\n\n  \n/reset\nHi\n",
+                          capture_output=True, text=True, env=run_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    first, second, end = proc.stdout.split("\n")
+    assert end == "" and first.strip()
+    assert second == first  # greedy, and the history was cleared: the same reply to the same first line
+
+
 @pytest.mark.parametrize("io_encoding", ["utf-8:surrogateescape", "utf-8:strict", "ascii:strict"])
 def test_bytes_that_are_not_utf8_still_get_a_reply(tiny_model, io_encoding):
     proc = subprocess.run(chat_cmd(tiny_model, "--seed", "0", "--max-new-tokens", "6"), input=b"caf\xe9?\nHi\n",
