@@ -65,12 +65,15 @@ def check_config(config) -> None:
 
 
 class _Builder:
+    """Writes straight into the ModelProto it returns: onnx.helper's make_graph / make_model copy every
+    initializer they are given, which held three copies of DialoGPT-large's fp32 weights (9 GB) at once."""
+
     def __init__(self):
+        self.model = onnx.ModelProto()
         self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
 
     def init(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def node(self, op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs) -> list[str]:
@@ -166,11 +169,13 @@ def build_gpt2(weights: Mapping[str, np.ndarray], config, *, cache_dtype: str = 
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", cache_onnx, cache_shape))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", cache_onnx, cache_shape))
-    graph = helper.make_graph(b.nodes, "dialogpt_edge_gpt2", inputs, outputs, b.inits)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
-        producer_name="dialogpt-edge", ir_version=9,
-    )
+    model = b.model
+    model.graph.name = "dialogpt_edge_gpt2"
+    model.graph.node.extend(b.nodes)
+    model.graph.input.extend(inputs)
+    model.graph.output.extend(outputs)
+    model.opset_import.extend([helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
+    model.producer_name, model.ir_version = "dialogpt-edge", 9
     model.metadata_props.add(key="dialogpt_edge.layout", value=GRAPH_LAYOUT)
     return model
 
@@ -280,14 +285,32 @@ def save_model(model: onnx.ModelProto, path) -> list:
             start = ext["offset"] // row_bytes
             stubs[tensor.name] = numpy_helper.from_array(
                 rows[start : start + ext["length"] // row_bytes].reshape(tensor.dims), tensor.name)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(stubs[t.name] for t in inits)
-    try:
-        onnx.save_model(model, str(path))
-    finally:
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(inits)
+    onnx.save_model(_with_initializers(model, [stubs[t.name] for t in inits]), str(path))
     return [path, path.parent / data_name]
+
+
+def _with_initializers(model: onnx.ModelProto, initializers: list[onnx.TensorProto]) -> onnx.ModelProto:
+    """A copy of `model` whose graph holds `initializers` in place of its own, made without copying the
+    model's weights: swapping them in and out of `model` itself would copy every one of them, which
+    held two extra copies of DialoGPT-large's fp32 weights (3 GB each) while saving."""
+    shell = onnx.ModelProto()
+    _copy_fields(model, shell, skip="graph")
+    _copy_fields(model.graph, shell.graph, skip="initializer")
+    shell.graph.initializer.extend(initializers)
+    return shell
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        slot = getattr(target, field.name)
+        if hasattr(slot, "extend"):  # a repeated field
+            slot.extend(value)
+        elif hasattr(slot, "CopyFrom"):  # a message
+            slot.CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 def _external(tensor: onnx.TensorProto, data_name: str, offset: int, length: int) -> onnx.TensorProto:

@@ -131,6 +131,9 @@ def export_model(
             fp32_dir = work / "fp32"
             fp32_dir.mkdir(parents=True)
             save_model(graph, fp32_dir / MODEL_FILE)
+            # Only the saved file is read from here on. Holding the graph as well would keep a second
+            # copy of the fp32 weights through verification: DialoGPT-large's export peaked at 21 GB.
+            del graph
 
             progress.step("verifying fp32 against PyTorch (greedy ids, logits at every position)")
             spec = _spec_for(fp32_dir, src.config, tokenizer)
@@ -151,7 +154,10 @@ def export_model(
             scales = kv_scales.calibrate(reference, sequences)
             calibration = {"data": "chitchat-dataset training split", "tokens": sum(len(q) for q in sequences),
                            "scales": "per head channel: largest magnitude seen / 127"}
-        if kv_cache != "fp32":
+        if derived:
+            # The reference session's packed weights are not needed while the shipped graph is built
+            # and quantized; it is opened again from the saved file for the fidelity measurement.
+            del reference
             graph = builder.build_gpt2(weights, src.config, cache_dtype=kv_cache, kv_scales=scales)
         del weights
         if quantized:
@@ -167,13 +173,12 @@ def export_model(
                 progress.step(f"measuring {label} fidelity on held-out dialogs")
                 shipped = Session(_spec_for(staging, src.config, tokenizer))
                 sequences = fidelity.held_out_sequences(runtime_tok, fidelity_tokens, spec.n_positions)
-                fid = fidelity.measure(reference, shipped, sequences)
+                fid = fidelity.measure(Session(spec), shipped, sequences)
                 del shipped
         else:
-            del graph
+            del reference
             for p in fp32_dir.iterdir():
                 p.rename(staging / p.name)
-        del reference
         shutil.rmtree(work)
 
         progress.step("writing manifest.json")

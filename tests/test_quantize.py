@@ -265,3 +265,38 @@ def test_row_views_are_saved_as_ranges_of_their_base(tmp_path):
     got_big, got_small = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {})
     np.testing.assert_array_equal(got_big, big[100:350])
     np.testing.assert_array_equal(got_small, small[2:5])
+
+
+def test_save_model_writes_the_whole_model_and_leaves_it_as_it_was(tmp_path):
+    """Everything but the weights' storage survives the save (graph, opsets, metadata), and the
+    caller's model is untouched, so it can be saved again or quantized further."""
+    from onnx import helper, numpy_helper
+
+    from dialogpt_edge.export.builder import save_model
+
+    w = np.linspace(-1, 1, 64 * 32, dtype=np.float32).reshape(64, 32)  # 8 KiB: goes to the data file
+    b = np.arange(32, dtype=np.float32)  # 128 bytes: stays in the graph
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 64])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 32])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"], name="mm"), helper.make_node("Add", ["xw", "b"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+                              doc_string="a graph", value_info=[helper.make_tensor_value_info("xw", onnx.TensorProto.FLOAT, ["n", 32])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="test", ir_version=9)
+    model.metadata_props.add(key="k", value="v")
+    before = model.SerializeToString()
+
+    save_model(model, tmp_path / "model.onnx")
+
+    assert model.SerializeToString() == before
+    loaded = onnx.load(str(tmp_path / "model.onnx"))  # external data read back in
+    for field in ("node", "input", "output", "value_info"):
+        assert list(getattr(loaded.graph, field)) == list(getattr(model.graph, field)), field
+    assert (loaded.graph.name, loaded.graph.doc_string) == ("g", "a graph")
+    assert (list(loaded.opset_import), loaded.producer_name, loaded.ir_version) == (list(model.opset_import), "test", 9)
+    assert [(p.key, p.value) for p in loaded.metadata_props] == [("k", "v")]
+    arrays = {i.name: numpy_helper.to_array(i) for i in loaded.graph.initializer}
+    assert list(arrays) == ["w", "b"]
+    np.testing.assert_array_equal(arrays["w"], w)
+    np.testing.assert_array_equal(arrays["b"], b)
+    saved = {i.name: i for i in onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.initializer}
+    assert saved["w"].data_location == onnx.TensorProto.EXTERNAL and saved["b"].data_location == onnx.TensorProto.DEFAULT
