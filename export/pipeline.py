@@ -249,7 +249,7 @@ def _manifest(spec, src, parity, fused, report, fid, verify_fidelity: bool, kv_c
         "io": {"inputs": list(spec.input_names), "outputs": list(spec.output_names)},
         "precision": {
             "weights": weights,
-            "activations": "fp32" if not report else ("int8 dynamic (per row)" if weights == "int8" else "int8 (accuracy_level 4)" if report.accuracy_level == 4 else "fp32"),
+            "activations": "fp32" if not report else ("int8 dynamic (one scale per run)" if weights == "int8" else "int8 (accuracy_level 4)" if report.accuracy_level == 4 else "fp32"),
             "kv_cache": kv_cache,
             **({"kv_cache_calibration": kv_calibration} if kv_calibration else {}),
             "quantization": report.to_dict() if report else None,

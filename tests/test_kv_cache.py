@@ -80,3 +80,44 @@ def test_each_step_feeds_one_token(tiny_model, monkeypatch):
     # the prompt once, then one token per step at the next position; the last token is not fed
     assert fed == [(2, 0)] + [(1, 2 + i) for i in range(5)]
     assert cache.length == 2 + 5
+
+
+def _chunked(session: Session, ids: list[int], chunk: int, monkeypatch) -> tuple[np.ndarray, KVCache, list[int]]:
+    """forward() over `ids` with prefill_chunk = chunk: (logits, cache, tokens fed per graph run)."""
+    runs = []
+    run = session._run
+    monkeypatch.setattr(session, "_run", lambda binding, part, *a: (runs.append(part.shape[1]), run(binding, part, *a))[1])
+    monkeypatch.setattr(session, "prefill_chunk", chunk)
+    cache = session.new_cache()
+    return session.forward(ids, cache), cache, runs
+
+
+LONG_IDS = [(97 * i + 13) % 50000 for i in range(40)]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_int4"])
+def test_long_runs_go_through_in_chunks_with_the_same_result(fixture, request, monkeypatch):
+    """A run longer than prefill_chunk is fed a chunk at a time; logits and cache equal one pass's."""
+    session = Session(load(request.getfixturevalue(fixture)), threads=1)
+    whole_cache = session.new_cache()
+    whole = session.forward(LONG_IDS, whole_cache)  # 40 tokens: below the default chunk, one pass
+    chunked, cache, runs = _chunked(session, LONG_IDS, 16, monkeypatch)
+    assert runs == [16, 16, 8] and cache.length == 40
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(session.prefill(LONG_IDS, session.new_cache()), whole[-1], rtol=0, atol=1e-5)
+    for mine, theirs in zip(cache.keys + cache.values, whole_cache.keys + whole_cache.values):
+        np.testing.assert_allclose(mine[:, :, :40], theirs[:, :, :40], rtol=0, atol=1e-5)
+
+
+def test_int8_chunks_stay_as_close_to_fp32_as_one_pass(tiny_model, tiny_int8, monkeypatch):
+    """DynamicQuantizeMatMul picks one activation scale per run, so chunks round differently from one
+    pass (finer scales, if anything); they must not move the logits away from the fp32 model's."""
+    fp32 = Session(load(tiny_model), threads=1)
+    expected = fp32.forward(LONG_IDS, fp32.new_cache())
+    session = Session(load(tiny_int8), threads=1)
+    whole = session.forward(LONG_IDS, session.new_cache())
+    chunked, cache, runs = _chunked(session, LONG_IDS, 16, monkeypatch)
+    assert runs == [16, 16, 8] and cache.length == 40
+    error = lambda logits: np.abs(logits - expected).mean()
+    assert error(chunked) <= 1.1 * error(whole)
+    assert (chunked.argmax(-1) == expected.argmax(-1)).mean() >= (whole.argmax(-1) == expected.argmax(-1)).mean() - 0.05
