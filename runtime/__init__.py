@@ -6,7 +6,7 @@ from .generate import generate
 from .kv_cache import KVCache
 from .manifest import ModelSpec, load
 from .sampling import SamplingConfig, SamplingConfigError, sample
-from .session import Session, open_model
+from .session import Session, open_model, open_with_tokenizer
 from .tokenizer import TextStream, Tokenizer
 
 __version__ = "0.1.0"
@@ -26,5 +26,6 @@ __all__ = [
     "generate",
     "load",
     "open_model",
+    "open_with_tokenizer",
     "sample",
 ]

@@ -6,7 +6,7 @@ import sys
 
 from .chat import Chat
 from .sampling import SamplingConfig
-from .session import open_model
+from .session import open_with_tokenizer
 from .tidy import TidyStream
 from .tokenizer import TextStream, Tokenizer
 
@@ -16,9 +16,8 @@ BANNER = "Chatting with {name}. /reset clears the history, /quit or Ctrl-D ends,
 def run_chat(args, model_dir: str, config: SamplingConfig, stdin=None, stdout=None) -> int:
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
-    session = open_model(model_dir, threads=args.threads)
+    session, tokenizer = open_with_tokenizer(model_dir, threads=args.threads)
     spec = session.spec
-    tokenizer = Tokenizer(spec.tokenizer_path, spec.eos_token_id)
     chat = Chat(
         session, tokenizer, config, history_tokens=args.history_tokens, penalize_whole_history=args.penalize_history
     )

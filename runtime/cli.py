@@ -205,12 +205,10 @@ def _require_model(args) -> str:
 
 def _cmd_generate(args) -> int:
     from .generate import generate
-    from .session import open_model
-    from .tokenizer import TextStream, Tokenizer
+    from .session import open_with_tokenizer
+    from .tokenizer import TextStream
 
-    session = open_model(_require_model(args), threads=args.threads)
-    spec = session.spec
-    tokenizer = Tokenizer(spec.tokenizer_path, spec.eos_token_id)
+    session, tokenizer = open_with_tokenizer(_require_model(args), threads=args.threads)
     prompt_ids = tokenizer.encode_turn(args.prompt)
 
     ids: list[int] = []

@@ -15,6 +15,7 @@ from .errors import ContextLengthError, ModelFolderError, UserError, first_line
 from .kv_cache import KVCache
 from . import prepacked
 from .manifest import ModelSpec, load, verify_checksums
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,24 @@ def open_model(folder: str | os.PathLike | Path, threads: int | None = None, *, 
     if problem:  # worth saying only once the folder itself is known to be good
         log.warning("running %s without prepacked weights (%s)", spec.path, problem)
     return session
+
+
+def open_with_tokenizer(folder: str | os.PathLike | Path, threads: int | None = None, *,
+                        prepack: bool | None = None) -> tuple[Session, Tokenizer]:
+    """open_model() and the folder's Tokenizer, the tokenizer read first.
+
+    Parsing tokenizer.json leaves about 12 MiB of freed heap behind; read before the session, that
+    memory is reused by onnxruntime's weight packing instead of staying with the process (chat on the
+    DialoGPT-small shape, int8: peak RSS 271 -> 258 MiB). A tokenizer.json that does not parse is
+    reported by open_model()'s checksum pass if the file was altered.
+    """
+    spec = load(folder, verify_checksums=False)
+    try:
+        tokenizer = Tokenizer(spec.tokenizer_path, spec.eos_token_id)
+    except ModelFolderError:
+        open_model(folder, threads, prepack=prepack)
+        raise
+    return open_model(folder, threads, prepack=prepack), tokenizer
 
 
 def _open(spec: ModelSpec, threads: int, check, prepack: bool) -> tuple[Session, str | None]:

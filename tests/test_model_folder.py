@@ -84,3 +84,18 @@ def test_a_cache_type_this_runtime_cannot_hold_is_named(tiny_int8, monkeypatch):
     message = str(info.value)
     assert "keeps its KV cache as tensor(int8)" in message and "upgrade dialogpt-edge" in message
     assert "\n" not in message
+
+
+def test_a_tokenizer_that_no_longer_parses_is_reported_as_altered(model_copy):
+    """open_with_tokenizer() reads tokenizer.json before the checksum pass; a broken one is still named as altered."""
+    from dialogpt_edge.runtime import open_with_tokenizer
+
+    session, tokenizer = open_with_tokenizer(model_copy, threads=1)
+    assert tokenizer.decode(tokenizer.encode("Hello there")) == "Hello there" and session.spec.n_layer == 2
+    path = model_copy / "tokenizer.json"
+    data = bytearray(path.read_bytes())
+    data[0:1] = b"]"  # same size, no longer JSON
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelFolderError) as info:
+        open_with_tokenizer(model_copy, threads=1)
+    assert "tokenizer.json" in str(info.value) and "sha256" in str(info.value)
