@@ -25,3 +25,17 @@ def test_ci_runs_the_readme_commands():
     install = re.search(r"^pip install -e \S+$", ci, re.M).group(0)
     test = re.search(r"^python -m pytest.*$", ci, re.M).group(0)
     assert install in README and test in README
+
+
+def test_the_python_example_runs():
+    """The README's Python example, as written, on the shipped model (run from the repository root)."""
+    import os
+
+    code = re.search(r"## From Python\n\n```python\n(.*?)```", README, re.S).group(1)
+    root = Path(__file__).parents[1]
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
