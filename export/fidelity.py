@@ -55,10 +55,11 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def measure(reference: Session, quantized: Session, sequences: list[list[int]]) -> Fidelity:
+def measure(reference: Session, quantized: Session, sequences: list[list[int]], *, progress=None) -> Fidelity:
+    """Teacher-forced comparison; `progress`, if given, is called with the fraction of sequences done."""
     agree = kl = nll_ref = nll_q = 0.0
     count = 0
-    for ids in sequences:
+    for done, ids in enumerate(sequences, 1):
         lr = reference.forward(ids, reference.new_cache())[:-1]
         lq = quantized.forward(ids, quantized.new_cache())[:-1]
         targets = np.asarray(ids[1:])
@@ -71,6 +72,8 @@ def measure(reference: Session, quantized: Session, sequences: list[list[int]]) 
             nll_ref -= float(np.sum(a[rows, t]))
             nll_q -= float(np.sum(b[rows, t]))
             count += len(t)
+        if progress:
+            progress(done / len(sequences))
     return Fidelity(
         data=f"chitchat-dataset held-out split ({dialogs.HELD_OUT_BELOW}/256 of conversations by sha256 of their id)",
         conversations=len(sequences),

@@ -19,18 +19,22 @@ from . import dialogs
 DEFAULT_TOKENS = 8192
 
 
-def calibrate(session: Session, sequences: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per layer, the (n_embd,) key and value scales; `session` must keep a float cache."""
+def calibrate(session: Session, sequences: list[list[int]], *, progress=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer, the (n_embd,) key and value scales; `session` must keep a float cache.
+
+    `progress`, if given, is called with the fraction of sequences done after each one."""
     spec = session.spec
     k_max = np.zeros((spec.n_layer, spec.n_head, spec.head_dim), np.float32)
     v_max = np.zeros_like(k_max)
-    for ids in sequences:
+    for done, ids in enumerate(sequences, 1):
         cache = session.new_cache(len(ids))
         session.forward(ids, cache, all_logits=False)
         for i in range(spec.n_layer):
             # (1, heads, positions, head_dim) -> the largest magnitude of each head channel
             np.maximum(k_max[i], np.abs(cache.keys[i][0, :, : cache.length]).max(axis=1), out=k_max[i])
             np.maximum(v_max[i], np.abs(cache.values[i][0, :, : cache.length]).max(axis=1), out=v_max[i])
+        if progress:
+            progress(done / len(sequences))
     return [(_scale(k_max[i]), _scale(v_max[i])) for i in range(spec.n_layer)]
 
 

@@ -26,13 +26,21 @@ class Progress:
     """Numbered step lines on stderr, each closed with its duration."""
 
     def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.stream, self.n, self.t0 = total, stream, 0, None
+        self.total, self.stream, self.n, self.t0, self.shown = total, stream, 0, None, 0
 
     def step(self, text: str) -> None:
         self.done()
         self.n += 1
         self.t0 = time.perf_counter()
+        self.shown = 0
         print(f"[{self.n}/{self.total}] {text} ...", end="", file=self.stream, flush=True)
+
+    def fraction(self, done: float) -> None:
+        """How far the current step is (0..1), shown in quarters: the long steps take minutes on large models."""
+        quarter = min(int(done * 4), 3)
+        if quarter > self.shown:
+            print(f" {25 * quarter}%", end="", file=self.stream, flush=True)
+            self.shown = quarter
 
     def done(self) -> None:
         if self.t0 is not None:
@@ -142,7 +150,7 @@ def export_model(
                 [i for turn in turns for i in tokenizer.encode(turn) + [spec.eos_token_id]]
                 for turns in verify.VERIFY_TURNS
             ]
-            parity = verify.check_parity(reference, model, prompts)
+            parity = verify.check_parity(reference, model, prompts, progress=progress.fraction)
             del model
 
         report = None
@@ -151,7 +159,7 @@ def export_model(
         if kv_cache == "int8":
             progress.step("measuring the int8 KV cache's scales on training dialogs")
             sequences = kv_scales.training_sequences(runtime_tok.encode, spec.eos_token_id, kv_scales.DEFAULT_TOKENS, spec.n_positions)
-            scales = kv_scales.calibrate(reference, sequences)
+            scales = kv_scales.calibrate(reference, sequences, progress=progress.fraction)
             calibration = {"data": "chitchat-dataset training split", "tokens": sum(len(q) for q in sequences),
                            "scales": "per head channel: largest magnitude seen / 127"}
         if derived:
@@ -173,7 +181,7 @@ def export_model(
                 progress.step(f"measuring {label} fidelity on held-out dialogs")
                 shipped = Session(_spec_for(staging, src.config, tokenizer))
                 sequences = fidelity.held_out_sequences(runtime_tok, fidelity_tokens, spec.n_positions)
-                fid = fidelity.measure(Session(spec), shipped, sequences)
+                fid = fidelity.measure(Session(spec), shipped, sequences, progress=progress.fraction)
                 del shipped
         else:
             del reference

@@ -86,12 +86,13 @@ def check_parity(
     prompts: list[list[int]],
     *,
     new_tokens: int = 32,
+    progress=None,
 ) -> Parity:
     """Greedy ids must be equal, and logits within logit_bound() at every prompt and decode position."""
     eos = session.spec.eos_token_id
     max_diff = 0.0
     max_logit = 0.0
-    for prompt in prompts:
+    for done, prompt in enumerate(prompts, 1):
         expected = torch_greedy(model, prompt, new_tokens, eos)
         got = list(generate(session, prompt, max_new_tokens=new_tokens))
         if got != expected:
@@ -105,6 +106,8 @@ def check_parity(
         diff = float(np.max(np.abs(ours - reference)))
         max_diff = max(max_diff, diff)
         max_logit = max(max_logit, float(np.max(np.abs(reference))))
+        if progress:
+            progress(done / len(prompts))
     tolerance = logit_bound(max_logit)
     if max_diff > tolerance:
         raise ParityError(

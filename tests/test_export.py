@@ -74,9 +74,14 @@ def test_tied_embedding_is_stored_once(tiny_model, tiny_checkpoint):
 
 def test_export_cli_end_to_end_then_generate(tiny_checkpoint, tmp_path):
     out = tmp_path / "exported"
-    proc = export_cli(str(tiny_checkpoint), "--output", str(out))
+    proc = export_cli(str(tiny_checkpoint), "--output", str(out), "--quantize", "int8", "--fidelity-tokens", "512")
     assert proc.returncode == 0, proc.stderr
     assert "verifying fp32 against PyTorch" in proc.stderr
+    # the long steps say how far they are: parity over several prompts, fidelity over several dialogs
+    steps = {line.split("] ")[1].split(" ...")[0]: line for line in proc.stderr.splitlines() if line.startswith("[")}
+    for step in ("verifying fp32 against PyTorch (greedy ids, logits at every position)",
+                 "measuring int8 with an int8 KV cache fidelity on held-out dialogs"):
+        assert " ... 25% 50% 75% " in steps[step], steps[step]
     assert (out / "manifest.json").is_file()
     assert leftovers(tmp_path) == []
 
