@@ -118,7 +118,10 @@ def export_model(
     derived = quantized or kv_cache != "fp32"
     label = (quantize if quantized else "fp32") + (f" with an {kv_cache} KV cache" if kv_cache != "fp32" else "")
     progress = Progress(total=5 + quantized + (kv_cache == "int8") + (derived and verify_fidelity))
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    except OSError as e:  # a read-only folder, or one that takes no new folders (/proc, a full disk)
+        raise UserError(f"cannot write in {output.parent}: {e.strerror} (choose another --output)") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a model folder is not

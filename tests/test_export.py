@@ -100,6 +100,12 @@ def test_too_few_fidelity_tokens_are_refused_before_any_work(tiny_checkpoint, tm
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+def test_an_output_folder_that_takes_no_new_folders_is_one_line(tiny_checkpoint):
+    """/proc takes no new folders, whoever runs the tests (root ignores a read-only mode bit)."""
+    assert_one_line_error(export_cli(str(tiny_checkpoint), "--output", "/proc/dialogpt-edge-model"),
+                          "cannot write in /proc", "choose another --output")
+
+
 def test_force_replaces_a_model_folder(tiny_checkpoint, model_copy):
     (model_copy / "stale.txt").write_text("from an older export")
     proc = export_cli(str(tiny_checkpoint), "--output", str(model_copy), "--force")
