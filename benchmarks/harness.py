@@ -69,8 +69,11 @@ def resolve_checkpoint(model: str | None, shape: str | None, cache_root: Path) -
         return f"DialoGPT-{shape} shape (seeded random weights)", seeded_checkpoint(shape, cache / "checkpoint"), cache
     if not model:
         raise UserError("nothing to benchmark (pass --model SRC or --shape small|medium|large)")
-    path = Path(model).expanduser()
-    if not path.is_dir():
+    from dialogpt_edge.export.convert import locate
+
+    ref, is_local = locate(model)
+    path = Path(ref)
+    if not is_local:
         from huggingface_hub import snapshot_download
 
         try:
@@ -219,12 +222,17 @@ def main(args) -> int:
     cache_root = Path(args.cache_dir).expanduser() if args.cache_dir else DEFAULT_CACHE
     label, checkpoint, cache = resolve_checkpoint(args.model, args.shape, cache_root)
     check_context(checkpoint, max(args.prompt_tokens), args.new_tokens)
+    output = Path(args.output)
+    try:  # before the measurements: an hour of measurements must not end in a place that cannot take them
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write results to {output}: {e.strerror} (choose another --output)") from None
     plan = Plan(
         label=label, checkpoint=checkpoint, cache=cache,
         backends=[b.strip() for b in args.backends.split(",") if b.strip()],
         precisions=[p.strip() for p in args.precisions.split(",") if p.strip()],
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
-        runs=args.runs, warmup=args.warmup, passes=args.passes, output=Path(args.output),
+        runs=args.runs, warmup=args.warmup, passes=args.passes, output=output,
         command="dialogpt-edge " + " ".join(sys.argv[1:]) if sys.argv and "dialogpt" in sys.argv[0] else "dialogpt-edge bench",
     )
     records = run(plan)

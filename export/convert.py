@@ -46,21 +46,25 @@ def quiet_libraries():
             lg.setLevel(level)
 
 
-def resolve_source(src: str) -> Source:
-    """Find SRC (a local folder first, else a hub id) and check it is a GPT-2 causal LM."""
-    from transformers import AutoConfig
-
+def locate(src: str) -> tuple[str, bool]:
+    """(the folder path or the hub id, whether it is local) for SRC, or a one-line error saying what it is not."""
     path = Path(src).expanduser()
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{src} is a file; SRC must be a checkpoint folder or a hub id such as microsoft/DialoGPT-small")
         if not (path / "config.json").is_file():
             raise UserError(f"{src} has no config.json, so it is not a Hugging Face checkpoint folder (point SRC at the folder save_pretrained wrote)")
-        ref, is_local = str(path), True
-    elif _HUB_ID.match(src) and not src.startswith((".", "~")):
-        ref, is_local = src, False
-    else:
-        raise UserError(f"no such folder: {src} (give a local checkpoint folder or a hub id such as microsoft/DialoGPT-small)")
+        return str(path), True
+    if _HUB_ID.match(src) and not src.startswith((".", "~")):
+        return src, False
+    raise UserError(f"no such folder: {src} (give a local checkpoint folder or a hub id such as microsoft/DialoGPT-small)")
+
+
+def resolve_source(src: str) -> Source:
+    """Find SRC (a local folder first, else a hub id) and check it is a GPT-2 causal LM."""
+    from transformers import AutoConfig
+
+    ref, is_local = locate(src)
 
     try:
         config = AutoConfig.from_pretrained(ref)

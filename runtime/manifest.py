@@ -77,6 +77,8 @@ def load(folder: str | os.PathLike, *, verify_checksums: bool = True) -> ModelSp
     """Read and validate a model folder; any problem is one ModelFolderError naming it."""
     folder = Path(folder).expanduser()
     hint = "export one with `dialogpt-edge export SRC --output DIR`"
+    if folder.exists() and not folder.is_dir():
+        raise ModelFolderError(f"{folder} is a file; a model is a folder ({hint})")
     if not folder.is_dir():
         raise ModelFolderError(f"model folder {folder} does not exist ({hint})")
     manifest_path = folder / MANIFEST_NAME

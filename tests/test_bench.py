@@ -131,3 +131,14 @@ def test_a_cached_export_from_another_exporter_is_redone(tiny_int8, tmp_path, mo
     assert ours.prepare(tmp_path / "ckpt", tmp_path, "int8") == cached
     assert [(src, out, kw["quantize"], kw["kv_cache"]) for src, out, kw in exports] == [(str(tmp_path / "ckpt"), cached, "int8", "int8")]
     assert (tmp_path / "ours-int8-kv8.exporter").read_text() == ours.exporter_stamp()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "/no/such/checkpoint"], "error: no such folder: /no/such/checkpoint"),
+    (["--model", "TINY", "--output", "/proc/dialogpt-edge-results"], "error: cannot write results to /proc/dialogpt-edge-results"),
+])
+def test_a_missing_checkpoint_or_an_unwritable_output_is_one_line(tiny_checkpoint, tmp_path, flags, message):
+    flags = [str(tiny_checkpoint) if f == "TINY" else f for f in flags]
+    proc = bench_cli("--backends", "ours", "--cache-dir", str(tmp_path), *flags)
+    assert proc.returncode == 1
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(message), proc.stderr

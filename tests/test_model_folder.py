@@ -26,6 +26,11 @@ def test_missing_folder(tmp_path):
     assert "does not exist" in refusal(tmp_path / "nope")
 
 
+def test_a_file_is_not_a_model_folder(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    assert "is a file; a model is a folder" in refusal(tmp_path / "model.onnx")
+
+
 def test_missing_manifest(model_copy):
     (model_copy / "manifest.json").unlink()
     assert "manifest.json is missing" in refusal(model_copy)
