@@ -91,11 +91,9 @@ def _penalize(out: np.ndarray, token_ids: Sequence[int], penalty: float) -> None
 
 def banned_ngram_tokens(token_ids: Sequence[int], n: int) -> set[int]:
     """Tokens that would complete an n-gram already present in `token_ids`."""
-    if n <= 0 or len(token_ids) + 1 < n:
+    if n <= 0 or len(token_ids) < n:  # no n-gram said yet
         return set()
     ids = np.asarray(token_ids, dtype=np.int64)
-    if ids.size < n:
-        return set()
     windows = np.lib.stride_tricks.sliding_window_view(ids, n)  # every n-gram said so far
     same_start = (windows[:, : n - 1] == ids[ids.size - n + 1 :]).all(axis=1)  # starts like the last n-1 tokens
     return set(windows[same_start, n - 1].tolist())

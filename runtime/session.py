@@ -207,7 +207,11 @@ def open_model(folder: str | os.PathLike | Path, threads: int | None = None, *, 
     copy of the graph (prepacked.py), writing it on first use; where it cannot be written or
     read, the folder's own graph runs, with a warning.
     """
-    spec = load(folder, verify_checksums=False)
+    return _open_checked(load(folder, verify_checksums=False), threads, prepack)
+
+
+def _open_checked(spec: ModelSpec, threads: int | None, prepack: bool | None) -> Session:
+    """open_model() for a folder whose manifest is already read."""
     threads = threads or default_threads()
     with ThreadPoolExecutor(max_workers=1) as pool:
         check = pool.submit(verify_checksums, spec)
@@ -233,9 +237,9 @@ def open_with_tokenizer(folder: str | os.PathLike | Path, threads: int | None = 
     try:
         tokenizer = Tokenizer(spec.tokenizer_path, spec.eos_token_id)
     except ModelFolderError:
-        open_model(folder, threads, prepack=prepack)
+        _open_checked(spec, threads, prepack)
         raise
-    return open_model(folder, threads, prepack=prepack), tokenizer
+    return _open_checked(spec, threads, prepack), tokenizer
 
 
 def _open(spec: ModelSpec, threads: int, check, prepack: bool) -> tuple[Session, str | None]:
