@@ -55,7 +55,7 @@ def test_manifest_describes_the_folder(tiny_model, tiny_checkpoint):
     fidelity = manifest["fidelity"]["fp32_vs_pytorch"]
     assert fidelity["greedy_ids_equal"] is True
     assert fidelity["max_abs_logit_diff"] < 1e-4
-    assert manifest["graph"]["fused"] == {"SkipLayerNormalization": 2 * 2 + 1, "GroupQueryAttention": 2, "FastGelu": 2}
+    assert manifest["graph"]["fused"] == {"GroupQueryAttention": 2, "FastGelu": 2}
     assert manifest["precision"]["kv_cache"] == "fp32"
     for dist in ("torch", "transformers", "onnxruntime", "onnx"):
         assert manifest["versions"][dist]
