@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from conftest import export_quietly, run_env
+from conftest import TINY, export_quietly, run_env
 from dialogpt_edge.runtime.manifest import sha256_file
 
 
@@ -59,6 +59,22 @@ def test_manifest_describes_the_folder(tiny_model, tiny_checkpoint):
     assert manifest["precision"]["kv_cache"] == "fp32"
     for dist in ("torch", "transformers", "onnxruntime", "onnx"):
         assert manifest["versions"][dist]
+
+
+def test_residual_layer_norms_stay_unfused_when_onnxruntime_loads_them(tiny_model, tmp_path):
+    """The graph writes Sum + LayerNormalization because onnxruntime's fused SkipLayerNormalization is
+    slower on one row (benchmarks/results/experiments.md); its optimizer fuses an Add + LayerNormalization
+    back into one, so the graph it actually runs must still hold no SkipLayerNormalization."""
+    import onnxruntime as ort
+
+    from dialogpt_edge.runtime.session import session_options
+
+    opts = session_options(1)
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tiny_model / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
+    assert "SkipLayerNormalization" not in ops
+    assert ops.count("LayerNormalization") == 2 * TINY["n_layer"] + 1, ops
 
 
 def test_tied_embedding_is_stored_once(tiny_model, tiny_checkpoint):
