@@ -199,10 +199,9 @@ def _skip_ln(b: _Builder, x: str, skip: str, w: dict, ln: str, eps: float, name:
 
     A Sum and a LayerNormalization rather than onnxruntime's fused SkipLayerNormalization: on one
     row the fused kernel costs about 7 us a call where the two cost about 3 (chains of 24, width
-    1,024, warm). DialoGPT-small decode steps got 3-9 % faster with int4 weights and 1-4 % with int8,
-    short prompts up to 23 % faster; fp32 and the medium shape did not change
-    (benchmarks/results/experiments.md). A Sum, unlike an Add, is not fused back into
-    SkipLayerNormalization by onnxruntime's optimizer when the session loads.
+    1,024, warm). In whole DialoGPT-small decode steps that is at most a few per cent, within this
+    machine's noise (benchmarks/results/experiments.md), and no loss. A Sum, unlike an Add, is
+    not fused back into SkipLayerNormalization by onnxruntime's optimizer when the session loads.
     """
     b.init(f"{ln}.weight", w[f"{ln}.weight"])
     b.init(f"{ln}.bias", w[f"{ln}.bias"])
