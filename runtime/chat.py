@@ -52,6 +52,10 @@ class Chat:
         self.tokenizer = tokenizer
         self.config = config or SamplingConfig()
         n_positions = session.spec.n_positions
+        if self.config.max_new_tokens < 1:  # every reply would be empty
+            raise SamplingConfigError(
+                "max_new_tokens", f"max_new_tokens must be at least 1 in a chat, got {self.config.max_new_tokens}"
+            )
         limit = n_positions - self.config.max_new_tokens
         if limit < 1:  # no room left for even one token of history
             raise SamplingConfigError(

@@ -57,6 +57,7 @@ def test_piped_chat_is_reproducible_with_a_seed(tiny_model):
         (["--temperature", "-1"], "--temperature must be"),
         (["--history-tokens", "2000"], "--history-tokens must be between 1 and 960"),
         (["--max-new-tokens", "5000"], "--max-new-tokens must be below the model's 1024 positions, got 5000"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1 in a chat, got 0"),
     ],
 )
 def test_bad_settings_are_one_line_errors(tiny_model, flags, message):
