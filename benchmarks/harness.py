@@ -15,7 +15,7 @@ from pathlib import Path
 from dialogpt_edge.runtime.errors import UserError
 
 from . import machine, record
-from .backends import backend_module
+from .backends import backend_module, check_precisions
 
 SHAPES = {  # DialoGPT's real configurations
     "small": dict(n_layer=12, n_embd=768, n_head=12),
@@ -219,6 +219,7 @@ def main(args) -> int:
     for b in args.backends.split(","):
         if b.strip():
             backend_module(b.strip())  # unknown names fail before any work
+    check_precisions([p.strip() for p in args.precisions.split(",") if p.strip()])
     cache_root = Path(args.cache_dir).expanduser() if args.cache_dir else DEFAULT_CACHE
     label, checkpoint, cache = resolve_checkpoint(args.model, args.shape, cache_root)
     check_context(checkpoint, max(args.prompt_tokens), args.new_tokens)

@@ -63,6 +63,14 @@ def test_unknown_backend_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown backend 'tensorflow'")
 
 
+def test_unknown_precision_is_one_line_before_any_work(tmp_path):
+    proc = bench_cli("--shape", "small", "--precisions", "int8,int2", "--cache-dir", str(tmp_path), "--output", str(tmp_path / "out"))
+    assert proc.returncode == 1
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("error: unknown precision 'int2' (choose from: fp32, int8, int4, ") and "q4_0" in line
+    assert not any(tmp_path.iterdir())  # no checkpoint built, no results written
+
+
 def bench_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dialogpt_edge.runtime", "bench", *args], capture_output=True, text=True,
                           env=run_env(), timeout=300)

@@ -25,3 +25,13 @@ def backend_module(name: str):
 
         raise UserError(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")
     return importlib.import_module(BACKENDS[name])
+
+
+def check_precisions(precisions: list[str]) -> None:
+    """A precision no backend knows is a typo: fail before any work, not after a run that skipped it."""
+    known = list(dict.fromkeys(p for name in BACKENDS for p in backend_module(name).PRECISIONS))
+    for precision in precisions:
+        if precision not in known:
+            from dialogpt_edge.runtime.errors import UserError
+
+            raise UserError(f"unknown precision {precision!r} (choose from: {', '.join(known)})")
