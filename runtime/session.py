@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .cpus import default_threads
 from .errors import ContextLengthError, ModelFolderError, UserError, first_line
 from .kv_cache import KVCache
 from . import prepacked
@@ -21,14 +22,6 @@ log = logging.getLogger(__name__)
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 _SCALARS = ("seqlens_k", "total_sequence_length", "logits_to_keep")
-
-
-def default_threads() -> int:
-    """Physical-ish core count: decode is memory-bound and hyper-threads only contend."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class _Binding:
