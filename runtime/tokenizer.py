@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import Tokenizer as _HFTokenizer
-
 from .errors import ModelFolderError
 
 
 class Tokenizer:
     def __init__(self, path: str | Path, eos_token_id: int):
+        # imported here: a process that decodes token ids (a benchmark worker, a server's batcher)
+        # does not need the library's 4-5 MiB
+        from tokenizers import Tokenizer as HFTokenizer
+
         try:
-            self._tok = _HFTokenizer.from_file(str(path))
+            self._tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises untyped errors
             raise ModelFolderError(f"cannot read tokenizer {path}: {e} (re-export the model)") from None
         self.eos_token_id = eos_token_id
