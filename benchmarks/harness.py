@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+from dialogpt_edge.runtime.cpus import default_threads
 from dialogpt_edge.runtime.errors import UserError
 
 from . import machine, record
@@ -216,10 +217,11 @@ def run_chat_turns(plan: Plan, turns: int = 10) -> dict:
 
 
 def main(args) -> int:
-    for b in args.backends.split(","):
-        if b.strip():
-            backend_module(b.strip())  # unknown names fail before any work
-    check_precisions([p.strip() for p in args.precisions.split(",") if p.strip()])
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    for name in backends:
+        backend_module(name)  # unknown names fail before any work
+    check_precisions(precisions)
     cache_root = Path(args.cache_dir).expanduser() if args.cache_dir else DEFAULT_CACHE
     label, checkpoint, cache = resolve_checkpoint(args.model, args.shape, cache_root)
     check_context(checkpoint, max(args.prompt_tokens), args.new_tokens)
@@ -230,9 +232,8 @@ def main(args) -> int:
         raise UserError(f"cannot write results to {output}: {e.strerror} (choose another --output)") from None
     plan = Plan(
         label=label, checkpoint=checkpoint, cache=cache,
-        backends=[b.strip() for b in args.backends.split(",") if b.strip()],
-        precisions=[p.strip() for p in args.precisions.split(",") if p.strip()],
-        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
+        backends=backends, precisions=precisions,
+        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads or [default_threads()],
         runs=args.runs, warmup=args.warmup, passes=args.passes, output=output,
         command="dialogpt-edge " + " ".join(sys.argv[1:]) if sys.argv and "dialogpt" in sys.argv[0] else "dialogpt-edge bench",
     )

@@ -15,7 +15,7 @@ import time
 import traceback
 
 from .chat import DEFAULT_HISTORY_TOKENS
-from .cpus import default_threads, usable_cpus
+from .cpus import usable_cpus
 from .errors import UserError
 from .sampling import SamplingConfig, SamplingConfigError
 
@@ -180,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--precisions", default="fp32,int8,int4", help="comma-separated; each backend runs those it supports (ours: fp32, int8, int4 as export writes them, each also as -kv8 / -kv16 / -kv32 to pick the KV cache, or -prepacked to run from the prepacked cache; llamacpp: q8_0, q4_0)")
     bench.add_argument("--prompt-tokens", type=_list_of(_int_at_least(1)), default="32", help="comma-separated context lengths, e.g. 64,256,512,900")
     bench.add_argument("--new-tokens", type=_int_at_least(1), default=64, help="tokens decoded per run (eos ignored)")
-    bench.add_argument("--threads", type=_list_of(_threads), default=str(default_threads()),
-                       help="comma-separated thread counts (default: the runtime's, one per physical core: %(default)s here)")
+    bench.add_argument("--threads", type=_list_of(_threads), default=None,
+                       help="comma-separated thread counts (default: the runtime's, one per physical core)")
     bench.add_argument("--runs", type=_int_at_least(1), default=2, help="timed runs per pass")
     bench.add_argument("--warmup", type=_int_at_least(0), default=1, help="untimed runs first, per pass")
     bench.add_argument("--passes", type=_int_at_least(1), default=3, help="rotated passes over all backends")
