@@ -87,7 +87,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+        # identity, not ==: a default of 0 (greedy's temperature) equals False and is worth showing
+        if "default" in text or any(action.default is unset for unset in (None, False, argparse.SUPPRESS)):
             return text
         return super()._get_help_string(action)
 
@@ -110,13 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser(
         "generate",
-        help="greedy continuation of one prompt",
+        help="continuation of one prompt: greedy unless a --temperature is given",
         formatter_class=_HelpFormatter,
     )
     _add_model_arg(gen)
     gen.add_argument("--prompt", required=True, help="prompt text; the eos token is appended, as DialoGPT expects")
-    gen.add_argument("--max-new-tokens", type=_int_at_least(0), default=64, help="stop after this many new tokens")
-    gen.add_argument("--min-new-tokens", type=_int_at_least(0), default=0, help="eos is banned before this many")
+    # greedy with no processors by default: the ids transformers' generate(do_sample=False) gives
+    _add_sampling_args(gen, SamplingConfig.greedy(), max_new_help="stop after this many new tokens")
     gen.add_argument("--threads", type=_threads, default=None, help="onnxruntime intra-op threads (default: one per physical core)")
     gen.add_argument("--json", action="store_true", help="print one JSON object with ids, text and timings")
     gen.set_defaults(handler=_cmd_generate)
@@ -127,20 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     _add_model_arg(chat)
-    defaults = SamplingConfig()
-    chat.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
-    chat.add_argument("--top-k", type=_top_k, default=defaults.top_k, help="keep the k most likely tokens ('none' = off)")
-    chat.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus mass to keep (1 = off)")
-    chat.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty, help="1 = off")
-    chat.add_argument("--no-repeat-ngram-size", type=int, default=defaults.no_repeat_ngram_size, help="0 = off")
+    _add_sampling_args(chat, SamplingConfig(), max_new_help="longest reply, in tokens")
     chat.add_argument("--penalize-history", action="store_true",
                       help="apply the repetition penalty to the whole history, not only the bot's own words")
-    chat.add_argument("--min-new-tokens", type=int, default=defaults.min_new_tokens, help="eos is banned before this many")
-    chat.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="longest reply, in tokens")
     chat.add_argument("--history-tokens", type=int, default=None,
                       help=f"history budget; whole old turns are dropped beyond it (default: {DEFAULT_HISTORY_TOKENS}, "
                       "or less if the model's positions minus --max-new-tokens are fewer)")
-    chat.add_argument("--seed", type=int, default=None, help="make the conversation reproducible")
     chat.add_argument("--raw", action="store_true", help="show replies as generated (no punctuation tidying)")
     chat.add_argument("--threads", type=_threads, default=None, help="onnxruntime intra-op threads (default: one per physical core)")
     chat.set_defaults(handler=_cmd_chat)
@@ -192,10 +185,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_sampling_args(p: argparse.ArgumentParser, defaults: SamplingConfig, max_new_help: str) -> None:
+    """The SamplingConfig flags, with the command's own defaults; SamplingConfig checks the values."""
+    p.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=_top_k, default=defaults.top_k, help="keep the k most likely tokens ('none' = off)")
+    p.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus mass to keep (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty, help="1 = off")
+    p.add_argument("--no-repeat-ngram-size", type=_int_at_least(0), default=defaults.no_repeat_ngram_size, help="0 = off")
+    p.add_argument("--min-new-tokens", type=_int_at_least(0), default=defaults.min_new_tokens, help="eos is banned before this many")
+    p.add_argument("--max-new-tokens", type=_int_at_least(0), default=defaults.max_new_tokens, help=max_new_help)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+
+
 def _top_k(text: str) -> int | None:
     if text.strip().lower() in ("none", "off"):
         return None
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or 'none', got {text!r}") from None
 
 
 def _require_model(args) -> str:
@@ -211,6 +219,10 @@ def _cmd_generate(args) -> int:
     from .session import open_with_tokenizer
     from .tokenizer import TextStream
 
+    try:
+        config = _sampling_config(args)
+    except SamplingConfigError as e:
+        raise _as_flag_error(e) from None
     session, tokenizer = open_with_tokenizer(_require_model(args), threads=args.threads)
     prompt_ids = tokenizer.encode_turn(args.prompt)
 
@@ -218,9 +230,7 @@ def _cmd_generate(args) -> int:
     stream = TextStream(tokenizer)
     start = time.perf_counter()
     first_at = None
-    for token in generate(
-        session, prompt_ids, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens
-    ):
+    for token in generate(session, prompt_ids, config):
         if first_at is None:
             first_at = time.perf_counter()
         ids.append(token)
