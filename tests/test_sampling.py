@@ -56,6 +56,28 @@ def test_top_k_equals_transformers(seed, k):
     assert np.all(ours[list(kept(ours))] >= np.max(ours[~np.isfinite(ours)], initial=-np.inf))
 
 
+@settings(max_examples=80, deadline=None)
+@given(seed=seeds, k=st.sampled_from([1, 2, 50, 700, 3141, 5000]), size=st.sampled_from([200, 5000, 50257]),
+       layout=st.sampled_from(["random", "ascending", "descending", "sampled-low", "sampled-high"]),
+       decimals=st.sampled_from([None, 1]))
+def test_top_k_keeps_what_a_full_sort_keeps(seed, k, size, layout, decimals):
+    """apply_top_k bounds the k-th largest from a strided subset first; whatever that subset holds, the kept
+    set is every value >= the k-th largest of all, ties included."""
+    logits = (np.random.default_rng(seed).standard_normal(size) * 3).astype(np.float32)
+    if decimals is not None:  # many exact ties, some of them at the k-th value
+        logits = np.round(logits, decimals).astype(np.float32)
+    if layout in ("ascending", "descending"):
+        logits = np.sort(logits)[:: 1 if layout == "ascending" else -1].copy()
+    elif layout == "sampled-low":  # the subset's bound far below the answer: a large pool
+        logits[::16] = logits.min() - 1
+    elif layout == "sampled-high":  # the subset holds the largest values
+        logits[::16] = np.sort(logits)[::-1][: logits[::16].size]
+    logits[np.random.default_rng(seed + 1).integers(0, size, size // 10)] = -np.inf  # banned earlier
+    k = min(k, size)
+    expected = set(np.flatnonzero(logits >= np.sort(logits)[size - k]).tolist()) & kept(logits)
+    assert kept(apply_top_k(logits, k)) == expected
+
+
 @settings(max_examples=60, deadline=None)
 @given(seed=seeds, p=st.floats(0.01, 1.0), scale=st.floats(0.1, 10))
 def test_top_p_equals_transformers(seed, p, scale):
