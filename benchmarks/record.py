@@ -103,6 +103,8 @@ def to_markdown(records: list[dict], chat: dict | None = None) -> str:
         lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores; memory read bandwidth {rows[0]['memory_bandwidth_gbps']:.1f} GB/s"
                   + (f" (best of probes {', '.join(f'{b:.1f}' for b in rows[0]['bandwidth_probes_gbps'])})" if rows[0].get("bandwidth_probes_gbps") else "") + ". "
                   f"Medians over {rows[0]['passes']} rotated passes x {rows[0]['runs']} runs. Command: `{rows[0]['command']}`.", ""]
+        versions = sorted({(r["backend"], r["backend_version"]) for r in rows})  # a peer's build and mode decide its row
+        lines += ["Versions: " + "; ".join(f"{name}: {v}" for name, v in versions) + ".", ""]
     if chat:
         lines += [f"**Chat, time to first token per turn** ({chat['precision']}, {chat['threads']} threads, greedy 24-token replies)", "",
                   "| turn | prefilled tokens (cache kept) | first token ms (cache kept) | prefilled tokens (no cache) | first token ms (no cache) |",

@@ -51,7 +51,7 @@ def main() -> None:
         "load_s": ready_t - spec["spawn_t"],
         "cold_start_s": runs[0]["cold_start_s"],
         "peak_rss_mb": peak_rss_mb(),
-        "version": module.version(),
+        "version": getattr(runner, "version", module.version)(),  # a runner may add how it ran
         "runs": runs[spec["warmup"]:],
     }
     print("BENCH_RESULT " + json.dumps(out))

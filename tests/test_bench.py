@@ -52,6 +52,7 @@ def test_bench_two_backends(tiny_checkpoint, tmp_path):
     assert chat["cached"]["prefill_tokens"][1:] < chat["uncached"]["prefill_tokens"][1:]
     table = (out / f"{tiny_checkpoint.name}.md").read_text()
     assert "| ours | int8 |" in table and "vs PyTorch" in table
+    assert "Versions: ours: dialogpt-edge " in table and "; pytorch: torch " in table  # which build each row measured
     assert (out / f"{tiny_checkpoint.name}_decode.png").stat().st_size > 1000
     assert (out / f"{tiny_checkpoint.name}_context.png").stat().st_size > 1000
 
@@ -150,3 +151,20 @@ def test_a_missing_checkpoint_or_an_unwritable_output_is_one_line(tiny_checkpoin
     proc = bench_cli("--backends", "ours", "--cache-dir", str(tmp_path), *flags)
     assert proc.returncode == 1
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(message), proc.stderr
+
+
+@pytest.mark.parametrize("returncode, verdict", [(0, "on"), (-11, "off: this build failed with them (signal 11)"),
+                                                 (1, "off: this build failed with them (exit code 1)")])
+def test_llamacpp_runs_with_its_default_buffer_types_unless_the_build_crashes(monkeypatch, tmp_path, capsys, returncode, verdict):
+    """llama.cpp's extra CPU buffer types (weight repacking) are its default and its fastest path, but one build
+    here segfaulted with them: a child process tries them, and the runner turns them off only after a failure."""
+    from dialogpt_edge.benchmarks.backends import llamacpp
+
+    gguf = tmp_path / "llamacpp-q4_0.gguf"
+    assert llamacpp._extra_bufts(gguf) == (True, "on")  # no probe yet: llama.cpp's default
+    tried = []
+    monkeypatch.setattr(llamacpp.subprocess, "run", lambda cmd, **kw: tried.append(cmd) or subprocess.CompletedProcess(cmd, returncode, "", ""))
+    llamacpp._probe_extra_bufts(gguf)
+    assert tried and tried[0][-1] == str(gguf)
+    assert llamacpp._extra_bufts(gguf) == (returncode == 0, verdict)
+    assert ("running without" in capsys.readouterr().err) == (returncode != 0)

@@ -4,6 +4,8 @@ by llama.cpp's own llama_model_quantize. Optional: llama-cpp-python compiles on 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -91,7 +93,43 @@ def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
         params.nthread = 2
         if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params):
             raise RuntimeError(f"llama_model_quantize failed for {precision}")
+    _probe_extra_bufts(out)
     return out
+
+
+def _mode_file(gguf: Path) -> Path:
+    return gguf.with_name(gguf.name + ".extra-bufts")
+
+
+def _probe_extra_bufts(gguf: Path) -> None:
+    """Whether this build decodes with llama.cpp's extra CPU buffer types (its default: Q4_0 weights
+    repacked for AVX2 / AVX-512, AMX where present), tried in a child process because a failure is a
+    segfault. An earlier llama-cpp-python 0.3.36 build here crashed at the first quantized decode
+    with them; a rebuild of the same version ran, and repacked Q4_0 decoded about 17 % faster. The
+    peer runs as its users get it when it can. Redone every bench run: a reinstall rebuilds the library."""
+    code = (
+        "import sys, llama_cpp\n"
+        "m = llama_cpp.Llama(sys.argv[1], n_ctx=64, n_batch=64, n_threads=2, n_threads_batch=2, verbose=False)\n"
+        "m.eval(list(range(1000, 1008))); m.eval([1000]); m.eval([1001])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(gguf)], capture_output=True, text=True, timeout=600)
+    if proc.returncode == 0:
+        verdict = "on"
+    else:
+        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        verdict = f"off: this build failed with them ({how})"
+        print(f"llama.cpp {gguf.name}: extra CPU buffer types (weight repacking) {verdict}; running without",
+              file=sys.stderr, flush=True)
+    _mode_file(gguf).write_text(verdict)
+
+
+def _extra_bufts(gguf: Path) -> tuple[bool, str]:
+    """(use them, what to record); llama.cpp's default when no probe ran."""
+    try:
+        verdict = _mode_file(gguf).read_text().strip()
+    except OSError:
+        verdict = "on"
+    return verdict == "on", verdict
 
 
 def version() -> str:
@@ -105,20 +143,22 @@ class Runner:
         import llama_cpp
         import llama_cpp.llama as llama_module
 
-        # Measured here: with llama.cpp's extra CPU buffer types (repacked / AMX weights) a quantized
-        # GGUF segfaults at its first decode (llama-cpp-python 0.3.36 built from source on this
-        # Xeon); f32 runs. Llama() does not expose the switch, so set it in its default params.
-        defaults = llama_cpp.llama_model_default_params
+        use, self.extra_bufts = _extra_bufts(artifact)
+        if not use:  # Llama() does not expose the switch, so set it in its default params
+            defaults = llama_cpp.llama_model_default_params
 
-        def without_extra_bufts():
-            params = defaults()
-            params.use_extra_bufts = False
-            return params
+            def without_extra_bufts():
+                params = defaults()
+                params.use_extra_bufts = False
+                return params
 
-        llama_module.llama_cpp.llama_model_default_params = without_extra_bufts
+            llama_module.llama_cpp.llama_model_default_params = without_extra_bufts
         self.llm = llama_cpp.Llama(str(artifact), n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=1024, verbose=False)
         self.eos = self.llm.token_eos()
         self.vocab = self.llm.n_vocab()
+
+    def version(self) -> str:
+        return f"{version()}, extra CPU buffer types {self.extra_bufts}"
 
     def generate(self, prompt_ids: list[int], n_new: int):
         import llama_cpp
