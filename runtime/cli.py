@@ -10,6 +10,7 @@ import importlib
 import json
 import logging
 import os
+import secrets
 import sys
 import time
 import traceback
@@ -223,6 +224,8 @@ def _cmd_generate(args) -> int:
         config = _sampling_config(args)
     except SamplingConfigError as e:
         raise _as_flag_error(e) from None
+    if not config.is_greedy and config.seed is None:  # drawn here so that --json can say how to repeat the run
+        config = config.replace(seed=secrets.randbits(63))
     session, tokenizer = open_with_tokenizer(_require_model(args), threads=args.threads)
     prompt_ids = tokenizer.encode_turn(args.prompt)
 
@@ -248,6 +251,7 @@ def _cmd_generate(args) -> int:
             "decode_ms_per_token": (
                 round((end - first_at) * 1e3 / (len(ids) - 1), 3) if len(ids) > 1 else None
             ),
+            "seed": None if config.is_greedy else config.seed,
             "threads": session.threads,
         }
         print(json.dumps(result, ensure_ascii=False))

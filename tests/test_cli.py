@@ -75,6 +75,11 @@ def test_generate_samples_reproducibly_with_a_seed(tiny_model):
                             "--min-new-tokens", "16", "--json").stdout)["ids"]
     first, again, other = ids("--seed", "1"), ids("--seed", "1"), ids("--seed", "2")
     assert first == again
+    # without --seed a seed is drawn, and --json reports it: passing it back repeats the draw
+    proc = cli("generate", "-m", str(tiny_model), "--prompt", "Hi", "--max-new-tokens", "16", "--min-new-tokens", "16",
+               "--json", "--temperature", "1.5", "--top-k", "none")
+    unseeded = json.loads(proc.stdout)
+    assert isinstance(unseeded["seed"], int) and ids("--seed", str(unseeded["seed"])) == unseeded["ids"]
     # a hot draw over a random model's near-flat 50,257-way distribution: two seeds or greedy agreeing
     # on all 16 tokens would mean the draw ignores its seed or its temperature
     assert first != other and first != greedy
