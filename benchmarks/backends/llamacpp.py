@@ -9,8 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-PRECISIONS = ("q8_0", "q4_0")
-_FTYPES = {"q8_0": 7, "q4_0": 2}  # llama_ftype: LLAMA_FTYPE_MOSTLY_Q8_0, LLAMA_FTYPE_MOSTLY_Q4_0
+# q4_k_m: the 4-bit format llama.cpp users pick most (k-quants; DialoGPT's widths are multiples of 256)
+PRECISIONS = ("q8_0", "q4_0", "q4_k_m")
+_FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15}  # llama_ftype: LLAMA_FTYPE_MOSTLY_Q8_0, _Q4_0, _Q4_K_M
 
 
 def available() -> str | None:
