@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ModelFolderError
+from .errors import ModelFolderError, first_line
 
 
 class Tokenizer:
     def __init__(self, path: str | Path, eos_token_id: int):
         # imported here: a process that decodes token ids (a benchmark worker, a server's batcher)
         # does not need the library's 4-5 MiB
-        from tokenizers import Tokenizer as HFTokenizer
+        import tokenizers
 
         try:
-            self._tok = HFTokenizer.from_file(str(path))
+            self._tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises untyped errors
-            raise ModelFolderError(f"cannot read tokenizer {path}: {e} (re-export the model)") from None
+            raise ModelFolderError(
+                f"cannot read tokenizer {path} with tokenizers {tokenizers.__version__}: {first_line(e)} "
+                f"({_fix_for(tokenizers.__version__)})"
+            ) from None
         self.eos_token_id = eos_token_id
 
     def encode(self, text: str) -> list[int]:
@@ -28,6 +31,21 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+
+# tokenizer.json as transformers and tokenizers write it today stores BPE merges as pairs; tokenizers
+# 0.19 and older read only "a b" strings and reject the file (checked: 0.15.2 and 0.19.1 fail, 0.20.0 reads it)
+MIN_TOKENIZERS = (0, 20)
+
+
+def _fix_for(version: str) -> str:
+    """What to do about a tokenizer.json that this tokenizers version cannot read."""
+    needed = ".".join(map(str, MIN_TOKENIZERS))
+    try:
+        too_old = tuple(int(part) for part in version.split(".")[:2]) < MIN_TOKENIZERS
+    except ValueError:  # a development build: say both
+        return f"pip install -U 'tokenizers>={needed}', or re-export the model"
+    return f"this file needs tokenizers >= {needed}: pip install -U 'tokenizers>={needed}'" if too_old else "re-export the model"
 
 
 def _valid_unicode(text: str) -> str:

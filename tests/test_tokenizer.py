@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import EOS, gpt2_tokenizer
 from dialogpt_edge.runtime import TextStream, Tokenizer, load
 
@@ -41,3 +43,24 @@ def test_undecodable_input_bytes_become_replacement_characters(tiny_model):
     assert tok.encode(escaped) == reference.encode("caf\ufffd ok")
     # a lone surrogate that is no escaped byte
     assert tok.encode("a\ud800b") == reference.encode("a\ufffd\ufffd\ufffdb")
+
+
+@pytest.mark.parametrize("version, fix", [
+    ("0.19.1", "this file needs tokenizers >= 0.20: pip install -U 'tokenizers>=0.20')"),
+    ("0.23.3", "(re-export the model)"),
+])
+def test_an_unreadable_tokenizer_names_the_fix(tmp_path, monkeypatch, version, fix):
+    """tokenizers 0.19 and older cannot read tokenizer.json's merges as pairs (the shipped model's failed
+    with 0.15.2 and 0.19.1): the error names the installed version and, if it is that old, the upgrade."""
+    import tokenizers
+
+    from dialogpt_edge.runtime import ModelFolderError
+
+    path = tmp_path / "tokenizer.json"
+    path.write_text('{"model": {"type": "BPE", "merges": [["a", "b"]]}}')  # not a whole tokenizer for any version
+    monkeypatch.setattr(tokenizers, "__version__", version)
+    with pytest.raises(ModelFolderError) as info:
+        Tokenizer(path, EOS)
+    message = str(info.value)
+    assert message.startswith(f"cannot read tokenizer {path} with tokenizers {version}: ") and message.endswith(fix)
+    assert "\n" not in message
