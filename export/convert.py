@@ -89,11 +89,12 @@ def resolve_source(src: str) -> Source:
 
 def load_torch_model(source: Source):
     """The PyTorch reference, fp32, eval mode; eager attention so the reference is the plain math."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.ref, dtype=torch.float32, attn_implementation="eager")
+        # .float() rather than a dtype argument: transformers < 4.56 calls it torch_dtype and
+        # stores an unknown `dtype` in the config (whose repr then fails); newer ones warn on torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(source.ref, attn_implementation="eager").float()
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the weights of {source.ref}: {first_line(e)} (check the checkpoint folder)") from None
     return model.eval()

@@ -109,7 +109,7 @@ def main() -> None:
     )
     previous = None
     if args.init_from:
-        model = GPT2LMHeadModel.from_pretrained(args.init_from / "checkpoint", dtype=torch.float32)
+        model = GPT2LMHeadModel.from_pretrained(args.init_from / "checkpoint").float()
         previous = json.loads((args.init_from / "training.json").read_text())
     else:
         model = GPT2LMHeadModel(config)
@@ -156,7 +156,7 @@ def main() -> None:
     model.half().save_pretrained(ckpt)
     tok.save_pretrained(ckpt)
     # the shipped fp16 weights are what export and tests see: measure them too
-    shipped = GPT2LMHeadModel.from_pretrained(ckpt, dtype=torch.float32)
+    shipped = GPT2LMHeadModel.from_pretrained(ckpt).float()
     phases = _phases(previous) + [{
         "hyperparameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "minutes": round(minutes, 1), "tokens_seen": args.steps * args.batch * args.block,

@@ -39,7 +39,7 @@ def encode(turns):
 
 @pytest.fixture(scope="module")
 def torch_model():
-    return GPT2LMHeadModel.from_pretrained(CHECKPOINT, dtype=torch.float32).eval()
+    return GPT2LMHeadModel.from_pretrained(CHECKPOINT).float().eval()
 
 
 @pytest.fixture(scope="module")

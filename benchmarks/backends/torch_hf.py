@@ -33,7 +33,7 @@ class Runner:
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
-        self.model = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(artifact).float().eval()  # fp32 in every transformers version
 
     def generate(self, prompt_ids: list[int], n_new: int):
         from .streamer import timed_generate
