@@ -23,15 +23,26 @@ def available() -> str | None:
     return None
 
 
-def write_f32_gguf(checkpoint: Path, path: Path) -> None:
+def _weights(checkpoint: Path) -> dict:
+    """The checkpoint's tensors as numpy arrays: straight from model.safetensors when there is one,
+    else through transformers (sharded files, or the pytorch_model.bin of older hub repos)."""
+    single = checkpoint / "model.safetensors"
+    if single.is_file():
+        from safetensors.numpy import load_file
+
+        return load_file(str(single))
+    from transformers import GPT2LMHeadModel
+
+    return {k: v.detach().numpy() for k, v in GPT2LMHeadModel.from_pretrained(checkpoint).float().state_dict().items()}
+
+
+def write_f32_gguf(checkpoint: Path, tokenizer_json: Path, path: Path) -> None:
     """GPT-2 in llama.cpp's 'gpt2' architecture. HF's Conv1D weights are (in, out); GGUF wants (out, in)."""
     import gguf
     import numpy as np
-    from safetensors.numpy import load_file
 
     config = json.loads((checkpoint / "config.json").read_text())
-    weights = load_file(str(checkpoint / "model.safetensors"))
-    w = {k.removeprefix("transformer."): v.astype(np.float32) for k, v in weights.items()}
+    w = {k.removeprefix("transformer."): v.astype(np.float32) for k, v in _weights(checkpoint).items()}
     writer = gguf.GGUFWriter(str(path), "gpt2")
     writer.add_context_length(config["n_positions"])
     writer.add_embedding_length(config["n_embd"])
@@ -41,14 +52,13 @@ def write_f32_gguf(checkpoint: Path, path: Path) -> None:
     writer.add_layer_norm_eps(config.get("layer_norm_epsilon", 1e-5))
     writer.add_file_type(0)  # all f32
 
-    tok = json.loads((checkpoint / "tokenizer.json").read_text())
-    vocab = tok["model"]["vocab"]
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    tok = json.loads(tokenizer_json.read_text())
     eos = config.get("eos_token_id", 50256)
+    tokens, kinds = _token_table(tok, config["vocab_size"], eos)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if i == eos else gguf.TokenType.NORMAL for i in range(len(tokens))])
+    writer.add_token_types([getattr(gguf.TokenType, kind) for kind in kinds])
     merges = tok["model"]["merges"]
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     writer.add_bos_token_id(eos)
@@ -76,26 +86,58 @@ def write_f32_gguf(checkpoint: Path, path: Path) -> None:
     writer.close()
 
 
-def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
-    import llama_cpp
+def _token_table(tok: dict, vocab_size: int, eos: int) -> tuple[list[str], list[str]]:
+    """(token, gguf.TokenType name) per embedding row, as llama.cpp's convert_hf_to_gguf writes them: a
+    fine-tuned checkpoint may add tokens beyond GPT-2's BPE vocabulary and pad its embedding past them
+    (resize_token_embeddings' pad_to_multiple_of); llama.cpp refuses a token list shorter than the embedding."""
+    bpe = {i: t for t, i in tok["model"]["vocab"].items()}
+    added = {a["id"]: a for a in tok.get("added_tokens", [])}
+    tokens, kinds = [], []
+    for i in range(vocab_size):
+        if i in bpe:
+            tokens.append(bpe[i])
+            kinds.append("CONTROL" if i == eos else "NORMAL")
+        elif i in added:
+            tokens.append(added[i]["content"])
+            kinds.append("CONTROL" if added[i].get("special") else "USER_DEFINED")
+        else:
+            tokens.append(f"[PAD{i}]")
+            kinds.append("UNUSED")
+    return tokens, kinds
 
-    if not (checkpoint / "tokenizer.json").is_file():
+
+def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
+    tokenizer_json = checkpoint / "tokenizer.json"
+    if not tokenizer_json.is_file():  # a checkpoint with only vocab.json + merges.txt (DialoGPT's hub repos)
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(checkpoint).backend_tokenizer.save(str(cache_dir / "tokenizer.json"))
+        tokenizer_json = cache_dir / "tokenizer.json"
+        AutoTokenizer.from_pretrained(checkpoint).backend_tokenizer.save(str(tokenizer_json))
     f32 = cache_dir / "llamacpp-f32.gguf"
     if not f32.is_file():
-        write_f32_gguf(checkpoint, f32.with_suffix(".partial"))
+        write_f32_gguf(checkpoint, tokenizer_json, f32.with_suffix(".partial"))
         f32.with_suffix(".partial").rename(f32)
     out = cache_dir / f"llamacpp-{precision}.gguf"
     if not out.is_file():
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = _FTYPES[precision]
-        params.nthread = 2
-        if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params):
-            raise RuntimeError(f"llama_model_quantize failed for {precision}")
+        _quantize(f32, out.with_suffix(".partial"), _FTYPES[precision])
+        out.with_suffix(".partial").rename(out)  # a quantization cut short is never taken for a finished one
     _probe_extra_bufts(out)
     return out
+
+
+def _quantize(f32: Path, out: Path, ftype: int) -> None:
+    """llama.cpp's own quantizer, in a child process: it logs every tensor to the terminal's stderr (about
+    55 lines for DialoGPT), which is kept to show only if it fails."""
+    code = (
+        "import sys, llama_cpp\n"
+        "params = llama_cpp.llama_model_quantize_default_params()\n"
+        "params.ftype = int(sys.argv[3]); params.nthread = 2\n"
+        "sys.exit(1 if llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params) else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(f32), str(out), str(ftype)], capture_output=True, text=True, timeout=3600)
+    if proc.returncode:
+        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise RuntimeError(f"llama_model_quantize failed: {tail}")
 
 
 def _mode_file(gguf: Path) -> Path:
