@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 
 from dialogpt_edge.runtime.cpus import default_threads
-from dialogpt_edge.runtime.errors import UserError
+from dialogpt_edge.runtime.errors import UserError, first_line
 
 from . import machine, record
 from .backends import backend_module, check_precisions
@@ -75,16 +76,26 @@ def resolve_checkpoint(model: str | None, shape: str | None, cache_root: Path) -
     ref, is_local = locate(model)
     path = Path(ref)
     if not is_local:
-        from huggingface_hub import snapshot_download
-
         try:
-            path = Path(snapshot_download(model))
+            path = _download(model)
         except Exception as e:  # the hub client raises many types; one line is what the user needs
             raise UserError(f"cannot fetch {model} from the Hugging Face hub: {str(e).splitlines()[0]} (pass a local checkpoint folder)") from None
     key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]  # stable across runs, unlike hash()
     cache = cache_root / f"ckpt-{path.name}-{key}"
     cache.mkdir(parents=True, exist_ok=True)
     return path.name, path, cache
+
+
+def _download(model: str) -> Path:
+    """The hub checkpoint's config, tokenizer and PyTorch weights only: DialoGPT's repos also hold TensorFlow
+    and Flax copies, which would triple the download. safetensors when the repo has them, else the .bin."""
+    from huggingface_hub import snapshot_download
+
+    text = ["*.json", "*.txt"]
+    path = Path(snapshot_download(model, allow_patterns=[*text, "*.safetensors"]))
+    if not any(path.glob("*.safetensors")):
+        path = Path(snapshot_download(model, allow_patterns=[*text, "*.bin"]))
+    return path
 
 
 def check_context(checkpoint: Path, prompt_tokens: int, new_tokens: int) -> None:
@@ -115,6 +126,20 @@ def prompt_ids(checkpoint: Path, n: int) -> list[int]:
     raise UserError(f"the held-out dialogs have fewer than {n} tokens")
 
 
+# What the bench measures and compares against: a failure of either is a bug to report, not a row to skip.
+_ESSENTIAL = ("ours", "pytorch")
+
+
+def _peer_failed(failed: dict, name: str, precision: str, why: str, error: Exception) -> None:
+    """Record a peer that cannot run this checkpoint (a converter refusing it, a crash) and go on without it."""
+    if name in _ESSENTIAL:
+        if isinstance(error, UserError):
+            raise error
+        raise UserError(f"{name} ({precision}) {why}") from error
+    print(f"{name} {precision}: {why}; going on without it", file=sys.stderr, flush=True)
+    failed[(name, precision)] = why
+
+
 def _spawn(spec: dict) -> dict:
     spec = dict(spec, spawn_t=time.time())
     proc = subprocess.run([sys.executable, "-m", "dialogpt_edge.benchmarks.worker", json.dumps(spec)],
@@ -129,8 +154,23 @@ def _spawn(spec: dict) -> dict:
 def _weights_bytes(artifact: Path) -> int:
     if artifact.is_file():
         return artifact.stat().st_size
-    names = ("model.onnx", "model.onnx.data", "model.onnx_data", "model_quantized.onnx", "model.bin", "model.safetensors", "pytorch_model.bin")
+    tensors = sorted(artifact.glob("*.safetensors"))
+    if tensors:  # a checkpoint, which the PyTorch baseline runs in fp32 whatever dtype it was saved in
+        return 4 * _parameter_count(tensors)
+    names = ("model.onnx", "model.onnx.data", "model.onnx_data", "model_quantized.onnx", "model.bin", "pytorch_model.bin")
     return sum(p.stat().st_size for p in artifact.iterdir() if p.name in names)
+
+
+def _parameter_count(files: list[Path]) -> int:
+    """Elements in safetensors files, read from their headers (an fp16 checkpoint's file is half its fp32 size)."""
+    total = 0
+    for path in files:
+        with path.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                total += math.prod(entry["shape"])
+    return total
 
 
 def run(plan: Plan) -> list[dict]:
@@ -148,10 +188,16 @@ def run(plan: Plan) -> list[dict]:
             combos.append(("pytorch", "fp32"))  # the baseline every ratio is taken against
     if not combos:
         raise UserError("no backend/precision to run (" + "; ".join(notes) + ")")
-    artifacts = {}
+    artifacts, failed = {}, {}
     for name, precision in combos:
         print(f"preparing {name} {precision} ...", file=sys.stderr, flush=True)
-        artifacts[(name, precision)] = backend_module(name).prepare(plan.checkpoint, plan.cache, precision)
+        try:
+            artifacts[(name, precision)] = backend_module(name).prepare(plan.checkpoint, plan.cache, precision)
+        except Exception as e:
+            _peer_failed(failed, name, precision, f"could not be prepared: {first_line(e)}", e)
+    combos = [c for c in combos if c not in failed]
+    if not combos:
+        raise UserError("no backend/precision could be prepared (" + "; ".join(f"{n} {p}: {w}" for (n, p), w in failed.items()) + ")")
     config = json.loads((plan.checkpoint / "config.json").read_text())
     # The floor is a physical bound, so its denominator is the best bandwidth seen: probed before and
     # after each block of passes, because one probe that a neighbour slows makes every floor look beaten.
@@ -167,19 +213,29 @@ def run(plan: Plan) -> list[dict]:
             for p in range(plan.passes):  # rotate the order: a noisy neighbour hits every backend alike
                 order = combos[p % len(combos):] + combos[: p % len(combos)]
                 for name, precision in order:
+                    if (name, precision) in failed:
+                        continue
                     print(f"pass {p + 1}/{plan.passes}: {name} {precision}, {threads} threads, prompt {n_prompt}", file=sys.stderr, flush=True)
-                    results[(name, precision)].append(_spawn({
-                        "backend": name, "precision": precision, "artifact": str(artifacts[(name, precision)]),
-                        "threads": threads, "prompt_ids": ids, "new_tokens": plan.new_tokens, "runs": plan.runs, "warmup": plan.warmup,
-                    }))
+                    try:
+                        results[(name, precision)].append(_spawn({
+                            "backend": name, "precision": precision, "artifact": str(artifacts[(name, precision)]),
+                            "threads": threads, "prompt_ids": ids, "new_tokens": plan.new_tokens, "runs": plan.runs, "warmup": plan.warmup,
+                        }))
+                    except UserError as e:
+                        _peer_failed(failed, name, precision, str(e).removeprefix(f"{name} ({precision}) "), e)
             blocks.append((threads, n_prompt, results))
             probes.append(machine.read_bandwidth_gbps(threads=max(plan.threads)))
     bandwidth = max(probes)
+    notes += [f"{name} {precision}: {why}" for (name, precision), why in failed.items()]
+    if not any(c not in failed for c in combos):
+        raise UserError("no backend/precision ran (" + "; ".join(notes) + ")")
     records = []
     for threads, n_prompt, results in blocks:
         baseline = results.get(("pytorch", "fp32"))
         reference = baseline[0]["runs"][0]["ids"] if baseline else None
         for (name, precision), passes in results.items():
+            if (name, precision) in failed:  # a peer that failed in any pass is left out of every table
+                continue
             records.append(record.make_record(
                 plan=plan, backend=name, precision=precision, threads=threads, n_prompt=n_prompt, passes=passes,
                 reference_ids=reference, weights_bytes=_weights_bytes(artifacts[(name, precision)]),

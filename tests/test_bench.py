@@ -168,3 +168,104 @@ def test_llamacpp_runs_with_its_default_buffer_types_unless_the_build_crashes(mo
     assert tried and tried[0][-1] == str(gguf)
     assert llamacpp._extra_bufts(gguf) == (returncode == 0, verdict)
     assert ("running without" in capsys.readouterr().err) == (returncode != 0)
+
+
+def _padded_vocab_checkpoint(folder):
+    """A fine-tuned-style checkpoint: two added tokens, the embedding padded to a multiple of 8 (50,264 rows
+    for 50,259 tokens), saved in fp16."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import EOS, gpt2_tokenizer
+
+    tok = gpt2_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|bot|>"]})
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=EOS, eos_token_id=EOS)).eval()
+    model.resize_token_embeddings(len(tok), pad_to_multiple_of=8, mean_resizing=False)
+    model.half().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_a_peer_that_refuses_the_checkpoint_is_left_out_with_a_note(tmp_path):
+    """CTranslate2's converter rejects a vocabulary padded past the tokenizer's; the bench reports that and
+    measures the rest, instead of ending in the converter's traceback."""
+    ckpt = _padded_vocab_checkpoint(tmp_path / "padded")
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dialogpt_edge.runtime", "bench", "--model", str(ckpt), "--backends", "ours,ctranslate2",
+         "--precisions", "int8", "--prompt-tokens", "8", "--new-tokens", "4", "--passes", "1", "--runs", "1",
+         "--output", str(out), "--cache-dir", str(tmp_path / "cache")],
+        capture_output=True, text=True, env=run_env(), timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    records = json.loads((out / "padded.json").read_text())["records"]
+    assert {(r["backend"], r["precision"]) for r in records} == {("ours", "int8")}
+    table = (out / "padded.md").read_text()
+    assert "Not measured: ctranslate2 int8: could not be prepared: Vocabulary has size 50259" in table
+
+
+def test_the_pytorch_row_counts_fp32_bytes_for_an_fp16_checkpoint(tmp_path):
+    from dialogpt_edge.benchmarks.harness import _weights_bytes
+
+    ckpt = _padded_vocab_checkpoint(tmp_path / "padded")
+    from transformers import GPT2LMHeadModel
+
+    stored = GPT2LMHeadModel.from_pretrained(ckpt).state_dict()
+    tied = {"lm_head.weight"}  # saved once, as the embedding
+    assert _weights_bytes(ckpt) == 4 * sum(t.numel() for name, t in stored.items() if name not in tied)
+    assert _weights_bytes(ckpt) > 1.9 * (ckpt / "model.safetensors").stat().st_size  # the file holds fp16
+
+
+def test_our_runtime_or_the_baseline_failing_stops_the_bench():
+    """A peer's failure is a note; ours or PyTorch's would leave nothing to compare, so it is an error."""
+    from dialogpt_edge.benchmarks.harness import _peer_failed
+    from dialogpt_edge.runtime.errors import UserError
+
+    failed = {}
+    _peer_failed(failed, "llamacpp", "q4_0", "failed: segfault", RuntimeError("segfault"))
+    assert failed == {("llamacpp", "q4_0"): "failed: segfault"}
+    for name in ("ours", "pytorch"):
+        with pytest.raises(UserError, match=f"{name} \\(int8\\) could not be prepared: boom"):
+            _peer_failed(failed, name, "int8", "could not be prepared: boom", RuntimeError("boom"))
+
+
+def test_the_gguf_token_list_covers_every_embedding_row():
+    from dialogpt_edge.benchmarks.backends.llamacpp import _token_table
+
+    tok = {"model": {"vocab": {"a": 0, "b": 1, "<|endoftext|>": 2}},
+           "added_tokens": [{"id": 2, "content": "<|endoftext|>", "special": True},
+                            {"id": 3, "content": "<|user|>", "special": True}, {"id": 4, "content": "hi!", "special": False}]}
+    tokens, kinds = _token_table(tok, vocab_size=8, eos=2)
+    assert tokens == ["a", "b", "<|endoftext|>", "<|user|>", "hi!", "[PAD5]", "[PAD6]", "[PAD7]"]
+    assert kinds == ["NORMAL", "NORMAL", "CONTROL", "CONTROL", "USER_DEFINED", "UNUSED", "UNUSED", "UNUSED"]
+
+
+@pytest.mark.parametrize("repo_files, expected", [
+    ({"config.json", "vocab.json", "merges.txt", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack"},
+     {"config.json", "vocab.json", "merges.txt", "pytorch_model.bin"}),
+    ({"config.json", "tokenizer.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5"},
+     {"config.json", "tokenizer.json", "model.safetensors"}),
+])
+def test_a_hub_checkpoint_is_fetched_without_other_frameworks_weights(monkeypatch, tmp_path, repo_files, expected):
+    """The hub is not reachable here: a stand-in for snapshot_download that honours allow_patterns the way
+    the hub client does (fnmatch on file names)."""
+    import fnmatch
+
+    import huggingface_hub
+
+    from dialogpt_edge.benchmarks.harness import _download
+
+    def snapshot_download(repo_id, allow_patterns):
+        folder = tmp_path / "snapshot"
+        folder.mkdir(exist_ok=True)
+        for name in repo_files:
+            if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                (folder / name).write_text("x")
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert {p.name for p in _download("microsoft/DialoGPT-small").iterdir()} == expected
