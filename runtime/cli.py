@@ -220,10 +220,7 @@ def _cmd_generate(args) -> int:
     from .session import open_with_tokenizer
     from .tokenizer import TextStream
 
-    try:
-        config = _sampling_config(args)
-    except SamplingConfigError as e:
-        raise _as_flag_error(e) from None
+    config = _sampling_config(args)
     if not config.is_greedy and config.seed is None:  # drawn here so that --json can say how to repeat the run
         config = config.replace(seed=secrets.randbits(63))
     session, tokenizer = open_with_tokenizer(_require_model(args), threads=args.threads)
@@ -281,10 +278,7 @@ def _as_flag_error(e: SamplingConfigError) -> UserError:
 def _cmd_chat(args) -> int:
     from .chat_cli import run_chat
 
-    try:
-        return run_chat(args, _require_model(args), _sampling_config(args))
-    except SamplingConfigError as e:
-        raise _as_flag_error(e) from None
+    return run_chat(args, _require_model(args), _sampling_config(args))
 
 
 def _import_extra(module: str, extra: str):
@@ -351,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             traceback.print_exc()
+        if isinstance(e, SamplingConfigError):  # either command's settings, or Chat's checks of them
+            e = _as_flag_error(e)
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
