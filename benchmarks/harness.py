@@ -148,7 +148,11 @@ def _spawn(spec: dict) -> dict:
         if line.startswith("BENCH_RESULT "):
             return json.loads(line[len("BENCH_RESULT "):])
     tail = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or [f"exit code {proc.returncode}, no output"])[-1]
-    raise UserError(f"{spec['backend']} ({spec['precision']}) failed: {tail}")
+    raise _WorkerFailed(f"failed: {tail}")
+
+
+class _WorkerFailed(Exception):
+    """A measurement process that ended without a result; str() is why, for _peer_failed to word."""
 
 
 def _weights_bytes(artifact: Path) -> int:
@@ -221,8 +225,8 @@ def run(plan: Plan) -> list[dict]:
                             "backend": name, "precision": precision, "artifact": str(artifacts[(name, precision)]),
                             "threads": threads, "prompt_ids": ids, "new_tokens": plan.new_tokens, "runs": plan.runs, "warmup": plan.warmup,
                         }))
-                    except UserError as e:
-                        _peer_failed(failed, name, precision, str(e).removeprefix(f"{name} ({precision}) "), e)
+                    except _WorkerFailed as e:
+                        _peer_failed(failed, name, precision, str(e), e)
             blocks.append((threads, n_prompt, results))
             probes.append(machine.read_bandwidth_gbps(threads=max(plan.threads)))
     bandwidth = max(probes)
