@@ -122,7 +122,6 @@ class Chat:
 
         previous = next((t.ids[:-1] for t in reversed(self.turns[:-1]) if t.speaker == "bot"), None)
         history = context if self.penalize_whole_history else [i for t in self.turns if t.speaker == "bot" for i in t.ids]
-        max_new = min(self.config.max_new_tokens, self.session.spec.n_positions - len(context))
         reply: list[int] = []
         shown = 0
         try:
@@ -138,7 +137,7 @@ class Chat:
                     feed = context[-1:]
                 reply = []
                 for token in generate(
-                    self.session, feed, config, rng=self.rng, cache=self.cache, history=history, max_new_tokens=max_new
+                    self.session, feed, config, rng=self.rng, cache=self.cache, history=history
                 ):
                     reply.append(token)
                     # while the reply copies the previous one, hold it back: it may be thrown away

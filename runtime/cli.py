@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(gen)
     gen.add_argument("--prompt", required=True, help="prompt text; the eos token is appended, as DialoGPT expects")
     # greedy with no processors by default: the ids transformers' generate(do_sample=False) gives
-    _add_sampling_args(gen, SamplingConfig.greedy(), max_new_help="stop after this many new tokens")
+    _add_sampling_args(gen, SamplingConfig.greedy(), max_new_help="stop after this many new tokens (or sooner, where the model's positions run out)")
     gen.add_argument("--threads", type=_threads, default=None, help="onnxruntime intra-op threads (default: one per physical core)")
     gen.add_argument("--json", action="store_true", help="print one JSON object with ids, text and timings")
     gen.set_defaults(handler=_cmd_generate)
@@ -216,7 +216,7 @@ def _require_model(args) -> str:
 
 
 def _cmd_generate(args) -> int:
-    from .generate import generate
+    from .generate import generate, reply_room
     from .session import open_with_tokenizer
     from .tokenizer import TextStream
 
@@ -225,12 +225,14 @@ def _cmd_generate(args) -> int:
         config = config.replace(seed=secrets.randbits(63))
     session, tokenizer = open_with_tokenizer(_require_model(args), threads=args.threads)
     prompt_ids = tokenizer.encode_turn(args.prompt)
+    cache = session.new_cache()
+    room = reply_room(session, cache) - len(prompt_ids)
 
     ids: list[int] = []
     stream = TextStream(tokenizer)
     start = time.perf_counter()
     first_at = None
-    for token in generate(session, prompt_ids, config):
+    for token in generate(session, prompt_ids, config, cache=cache):
         if first_at is None:
             first_at = time.perf_counter()
         ids.append(token)
@@ -238,6 +240,7 @@ def _cmd_generate(args) -> int:
             sys.stdout.write(stream.push(token))
             sys.stdout.flush()
     end = time.perf_counter()
+    stopped_by = "max_new_tokens" if len(ids) == config.max_new_tokens else "positions" if len(ids) == room else "eos"
 
     if args.json:
         result = {
@@ -248,12 +251,17 @@ def _cmd_generate(args) -> int:
             "decode_ms_per_token": (
                 round((end - first_at) * 1e3 / (len(ids) - 1), 3) if len(ids) > 1 else None
             ),
+            "stopped_by": stopped_by,
             "seed": None if config.is_greedy else config.seed,
             "threads": session.threads,
         }
         print(json.dumps(result, ensure_ascii=False))
     else:
         sys.stdout.write(stream.flush() + "\n")
+    if stopped_by == "positions":
+        sys.stdout.flush()
+        print(f"note: the reply stopped at {len(ids)} tokens, the most the model's {session.spec.n_positions} "
+              f"positions leave after a {len(prompt_ids)}-token prompt", file=sys.stderr)
     return 0
 
 

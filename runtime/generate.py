@@ -29,7 +29,8 @@ def generate(
     (no step is spent on logits nobody reads). `history` is what the repetition
     penalty and the no-repeat n-gram ban look back on before this reply (default:
     `prompt_ids`, as transformers does); the reply's own tokens are added as they come.
-    `max_new_tokens` / `min_new_tokens` override the config's.
+    `max_new_tokens` / `min_new_tokens` override the config's. The reply also ends where the
+    model's positions (or the cache's capacity) run out: at most `reply_room()` tokens.
     """
     config = config or SamplingConfig.greedy()
     max_new = config.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -45,7 +46,8 @@ def generate(
     seen = list(prompt_ids if history is None else history)
     plain_greedy = config.is_greedy and config.repetition_penalty == 1.0 and not config.no_repeat_ngram_size
 
-    logits = session.prefill(prompt_ids, cache)
+    logits = session.prefill(prompt_ids, cache)  # a prompt that does not fit raises here
+    max_new = min(max_new, reply_room(session, cache))
     for n in range(max_new):
         ban = eos if n < min_new else None
         if plain_greedy:  # the fast path: an argmax, at most one token masked
@@ -60,3 +62,11 @@ def generate(
         seen.append(token)
         if n + 1 < max_new:
             logits = session.decode_step(token, cache)
+
+
+def reply_room(session: Session, cache: KVCache) -> int:
+    """How many more tokens a reply can have after what `cache` holds.
+
+    One more than the free positions: the last token of a reply is never fed.
+    """
+    return session.positions_left(cache) + 1

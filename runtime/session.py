@@ -120,6 +120,10 @@ class Session:
         capacity = self.spec.n_positions if capacity is None else capacity
         return KVCache(self.spec.n_layer, self.spec.n_head, self.spec.head_dim, capacity, self.cache_dtype)
 
+    def positions_left(self, cache: KVCache) -> int:
+        """How many more tokens `cache` can take: the model's positions and the cache's capacity both bound it."""
+        return min(self.spec.n_positions, cache.capacity) - cache.length
+
     def forward(self, ids: list[int] | np.ndarray, cache: KVCache, *, all_logits: bool = True) -> np.ndarray:
         """Run `ids` after the cached positions and write them into the cache.
 
@@ -131,12 +135,10 @@ class Session:
         n_new = ids.shape[1]
         if n_new == 0:
             raise ValueError("forward() needs at least one token")
-        total = cache.length + n_new
-        limit = min(self.spec.n_positions, cache.capacity)
-        if total > limit:
+        if n_new > self.positions_left(cache):
+            limit = cache.length + self.positions_left(cache)
             raise ContextLengthError(
-                f"{total} tokens exceed the model's {limit} positions "
-                "(shorten the prompt or lower --max-new-tokens)"
+                f"{cache.length + n_new} tokens exceed the model's {limit} positions (shorten the prompt)"
             )
         binding = self._binding(cache)
         if n_new <= self.prefill_chunk:

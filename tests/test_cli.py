@@ -107,6 +107,20 @@ def test_model_from_environment(tiny_model):
     assert len(json.loads(proc.stdout)["ids"]) == 2
 
 
+def test_generate_stops_where_the_positions_run_out(tiny_model, capsys):
+    # the tiny model has 1024 positions; 1015 words + eos leave room for 9 tokens (the last one is never fed)
+    prompt = " ".join(["word"] * 1015)
+    assert main(["generate", "-m", str(tiny_model), "--prompt", prompt, "--max-new-tokens", "64", "--min-new-tokens", "64", "--json"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["prompt_tokens"] == 1016
+    assert (len(result["ids"]), result["stopped_by"]) == (9, "positions")
+    assert err.startswith("note: the reply stopped at 9 tokens") and "1024 positions" in err
+    assert main(["generate", "-m", str(tiny_model), "--prompt", prompt, "--max-new-tokens", "5", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert (len(json.loads(out)["ids"]), json.loads(out)["stopped_by"], err) == (5, "max_new_tokens", "")
+
+
 def test_zero_new_tokens(tiny_model, capsys):
     assert main(["generate", "-m", str(tiny_model), "--prompt", "Hi", "--max-new-tokens", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ids"] == []

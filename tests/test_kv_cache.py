@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dialogpt_edge.runtime import ContextLengthError, KVCache, Session, generate, load
+from dialogpt_edge.runtime import ContextLengthError, KVCache, SamplingConfig, Session, generate, load
 
 
 def test_cache_bookkeeping():
@@ -67,6 +67,17 @@ def test_full_cache_is_a_clear_error(tiny_model):
     with pytest.raises(ContextLengthError, match="exceed"):
         session.decode_step(5, cache)
     assert cache.length == 4
+
+
+def test_generate_ends_where_the_cache_is_full(tiny_model):
+    session = Session(load(tiny_model), threads=1)
+    config = SamplingConfig.greedy().replace(max_new_tokens=50, min_new_tokens=50)
+    full = list(generate(session, [15496, 11, 995], config))
+    small = session.new_cache(capacity=6)
+    ids = list(generate(session, [15496, 11, 995], config, cache=small))
+    # 3 prompt positions + 3 fed reply tokens fill the cache; the 4th reply token needs no position
+    assert ids == full[:4]
+    assert small.length == 6
 
 
 def test_each_step_feeds_one_token(tiny_model, monkeypatch):
