@@ -135,10 +135,10 @@ class Session:
         n_new = ids.shape[1]
         if n_new == 0:
             raise ValueError("forward() needs at least one token")
-        if n_new > self.positions_left(cache):
-            limit = cache.length + self.positions_left(cache)
+        left = self.positions_left(cache)
+        if n_new > left:
             raise ContextLengthError(
-                f"{cache.length + n_new} tokens exceed the model's {limit} positions (shorten the prompt)"
+                f"{cache.length + n_new} tokens exceed the model's {cache.length + left} positions (shorten the prompt)"
             )
         binding = self._binding(cache)
         if n_new <= self.prefill_chunk:
