@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = MODEL_FILE + ".data"  # the weights, memory-mapped by onnxruntime
 TOKENIZER_FILE = "tokenizer.json"
 
+# owner/name as the Hugging Face hub spells model ids
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "eos_token_id")
 
 
@@ -75,14 +78,19 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
 
 def load(folder: str | os.PathLike, *, verify_checksums: bool = True) -> ModelSpec:
     """Read and validate a model folder; any problem is one ModelFolderError naming it."""
+    given = str(folder)
     folder = Path(folder).expanduser()
     hint = "export one with `dialogpt-edge export SRC --output DIR`"
     if folder.exists() and not folder.is_dir():
         raise ModelFolderError(f"{folder} is a file; a model is a folder ({hint})")
     if not folder.is_dir():
+        if _HUB_ID.fullmatch(given):  # the runtime never downloads: a hub checkpoint is exported first
+            hint = f"if it is a Hugging Face model id, export it first: `dialogpt-edge export {given} --output DIR`"
         raise ModelFolderError(f"model folder {folder} does not exist ({hint})")
     manifest_path = folder / MANIFEST_NAME
     if not manifest_path.is_file():
+        if (folder / "config.json").is_file():
+            hint = f"it looks like a checkpoint: export it with `dialogpt-edge export {folder} --output DIR`"
         raise ModelFolderError(
             f"{folder} is not a dialogpt-edge model folder: {MANIFEST_NAME} is missing ({hint})"
         )

@@ -26,6 +26,19 @@ def test_missing_folder(tmp_path):
     assert "does not exist" in refusal(tmp_path / "nope")
 
 
+def test_a_hub_id_is_told_to_be_exported_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no folder of that name here
+    message = refusal("microsoft/DialoGPT-small")
+    assert "does not exist" in message
+    assert "export it first: `dialogpt-edge export microsoft/DialoGPT-small --output DIR`" in message
+    assert "Hugging Face" not in refusal("./nope")
+
+
+def test_a_checkpoint_folder_is_told_to_be_exported(tiny_checkpoint):
+    message = refusal(tiny_checkpoint)
+    assert f"looks like a checkpoint: export it with `dialogpt-edge export {tiny_checkpoint} --output DIR`" in message
+
+
 def test_a_file_is_not_a_model_folder(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"onnx")
     assert "is a file; a model is a folder" in refusal(tmp_path / "model.onnx")
