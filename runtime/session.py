@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -130,11 +131,22 @@ class Session:
         Returns logits (len(ids), vocab), or with all_logits=False only the last position's (1, vocab).
         Runs of more than `prefill_chunk` tokens go through the graph a chunk at a time (see
         prefill_chunk_for); if one fails, the cache holds the chunks that ran before it.
+        Ids outside the vocabulary are a ValueError.
         """
-        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1)
-        n_new = ids.shape[1]
-        if n_new == 0:
+        ids = np.asarray(ids)
+        if ids.size == 0:
             raise ValueError("forward() needs at least one token")
+        if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= self.spec.vocab_size:
+            raise self._bad_ids()
+        return self._forward(np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1), cache, all_logits)
+
+    def _bad_ids(self) -> ValueError:
+        # onnxruntime's embedding lookup does not check its indices: an id out of range reads past the table
+        return ValueError(f"token ids must be integers in [0, {self.spec.vocab_size}) for this model")
+
+    def _forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
+        """forward() for ids (1, n) already checked."""
+        n_new = ids.shape[1]
         left = self.positions_left(cache)
         if n_new > left:
             raise ContextLengthError(
@@ -180,7 +192,10 @@ class Session:
 
     def decode_step(self, token: int, cache: KVCache) -> np.ndarray:
         """One new token against the cache; returns its logits (vocab,)."""
-        return self.forward([token], cache, all_logits=False)[-1]
+        token = operator.index(token)  # the per-token path checks without numpy's per-call overhead
+        if not 0 <= token < self.spec.vocab_size:
+            raise self._bad_ids()
+        return self._forward(np.full((1, 1), token, np.int64), cache, all_logits=False)[-1]
 
     def _binding(self, cache: KVCache) -> _Binding:
         binding = self._bindings.get(cache)

@@ -69,6 +69,18 @@ def test_full_cache_is_a_clear_error(tiny_model):
     assert cache.length == 4
 
 
+@pytest.mark.parametrize("ids", [[50257], [-1], [15496, 10**8], [1.0], "Hi"])
+def test_ids_outside_the_vocabulary_are_refused_before_the_graph_runs(tiny_model, ids):
+    # onnxruntime's Gather does not check indices; an unchecked id would read past the embedding
+    session = Session(load(tiny_model), threads=1)
+    cache = session.new_cache()
+    with pytest.raises(ValueError, match=r"token ids must be integers in \[0, 50257\)"):
+        session.forward(ids, cache)
+    with pytest.raises((ValueError, TypeError)):
+        session.decode_step(ids[-1], cache)
+    assert cache.length == 0
+
+
 def test_generate_ends_where_the_cache_is_full(tiny_model):
     session = Session(load(tiny_model), threads=1)
     config = SamplingConfig.greedy().replace(max_new_tokens=50, min_new_tokens=50)
@@ -83,8 +95,8 @@ def test_generate_ends_where_the_cache_is_full(tiny_model):
 def test_each_step_feeds_one_token(tiny_model, monkeypatch):
     session = Session(load(tiny_model), threads=1)
     fed = []
-    forward = session.forward
-    monkeypatch.setattr(session, "forward", lambda ids, cache, **kw: (fed.append((len(ids), cache.length)), forward(ids, cache, **kw))[1])
+    forward = session._forward  # what prefill and decode_step both run, after their checks
+    monkeypatch.setattr(session, "_forward", lambda ids, cache, *a, **kw: (fed.append((ids.shape[1], cache.length)), forward(ids, cache, *a, **kw))[1])
     cache = session.new_cache()
     out = list(generate(session, [15496, 50256], max_new_tokens=6, cache=cache))
     assert len(out) == 6
