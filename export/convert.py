@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from dialogpt_edge.runtime.errors import UserError, first_line
-
-# owner/name, as the hub spells ids; anything else that is not a local folder is a typo.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+from dialogpt_edge.runtime.manifest import HUB_ID
 
 
 @dataclass(frozen=True)
@@ -55,7 +52,7 @@ def locate(src: str) -> tuple[str, bool]:
         if not (path / "config.json").is_file():
             raise UserError(f"{src} has no config.json, so it is not a Hugging Face checkpoint folder (point SRC at the folder save_pretrained wrote)")
         return str(path), True
-    if _HUB_ID.match(src) and not src.startswith((".", "~")):
+    if HUB_ID.fullmatch(src):  # anything else that is not a local folder is a typo
         return src, False
     raise UserError(f"no such folder: {src} (give a local checkpoint folder or a hub id such as microsoft/DialoGPT-small)")
 

@@ -18,8 +18,8 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = MODEL_FILE + ".data"  # the weights, memory-mapped by onnxruntime
 TOKENIZER_FILE = "tokenizer.json"
 
-# owner/name as the Hugging Face hub spells model ids
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# a Hugging Face hub model id: owner/name (or a bare name, for the oldest repos such as gpt2)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "eos_token_id")
 
 
@@ -84,7 +84,7 @@ def load(folder: str | os.PathLike, *, verify_checksums: bool = True) -> ModelSp
     if folder.exists() and not folder.is_dir():
         raise ModelFolderError(f"{folder} is a file; a model is a folder ({hint})")
     if not folder.is_dir():
-        if _HUB_ID.fullmatch(given):  # the runtime never downloads: a hub checkpoint is exported first
+        if "/" in given and HUB_ID.fullmatch(given):  # the runtime never downloads: a hub checkpoint is exported first
             hint = f"if it is a Hugging Face model id, export it first: `dialogpt-edge export {given} --output DIR`"
         raise ModelFolderError(f"model folder {folder} does not exist ({hint})")
     manifest_path = folder / MANIFEST_NAME
