@@ -10,6 +10,7 @@ from .session import open_with_tokenizer
 from .tidy import TidyStream
 from .tokenizer import TextStream, Tokenizer
 
+QUIT = ("/quit", "/exit")
 BANNER = "Chatting with {name}. /reset clears the history, /quit or Ctrl-D ends, Ctrl-C stops a reply."
 
 
@@ -46,6 +47,8 @@ def _piped(chat: Chat, tokenizer: Tokenizer, tidy: bool, stdin, stdout) -> int:
         text = line.strip()
         if not text:
             continue
+        if text in QUIT:  # as on a terminal: what follows is not read
+            break
         if text == "/reset":  # lets one pipe carry several conversations
             chat.reset()
             continue
@@ -74,7 +77,7 @@ def _interactive(chat: Chat, tokenizer: Tokenizer, tidy: bool, name: str, stdout
             return 0
         if not text:
             continue
-        if text in ("/quit", "/exit"):
+        if text in QUIT:
             return 0
         if text == "/reset":
             chat.reset()

@@ -33,6 +33,13 @@ def test_piped_reset_starts_a_new_conversation_and_blank_lines_get_no_reply(tiny
     assert second == first  # greedy, and the history was cleared: the same reply to the same first line
 
 
+def test_a_piped_quit_line_ends_the_chat(tiny_model):
+    proc = subprocess.run(chat_cmd(tiny_model, "--seed", "0", "--max-new-tokens", "6"), input="Hi\n/quit\nHow are you?\n",
+                          capture_output=True, text=True, env=run_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.split("\n")) == 2, proc.stdout  # one reply line, for the line before /quit
+
+
 @pytest.mark.parametrize("io_encoding", ["utf-8:surrogateescape", "utf-8:strict", "ascii:strict"])
 def test_bytes_that_are_not_utf8_still_get_a_reply(tiny_model, io_encoding):
     proc = subprocess.run(chat_cmd(tiny_model, "--seed", "0", "--max-new-tokens", "6"), input=b"caf\xe9?\nHi\n",
