@@ -17,13 +17,17 @@ from dialogpt_edge.runtime.cpus import default_threads
 from dialogpt_edge.runtime.errors import UserError, first_line
 
 from . import machine, record
-from .backends import backend_module, check_precisions
+from .backends import backend_module, check_selection
 
 SHAPES = {  # DialoGPT's real configurations
     "small": dict(n_layer=12, n_embd=768, n_head=12),
     "medium": dict(n_layer=24, n_embd=1024, n_head=16),
     "large": dict(n_layer=36, n_embd=1280, n_head=20),
 }
+# what --backends / --precisions mean when not given: every backend, each at the precisions
+# it shares with the others (llama.cpp's own 8- and 4-bit formats beside ours)
+DEFAULT_BACKENDS = "ours,pytorch,optimum,ctranslate2,llamacpp"
+DEFAULT_PRECISIONS = "fp32,int8,int4,q8_0,q4_0"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dialogpt-edge" / "bench"
 
 
@@ -277,11 +281,11 @@ def run_chat_turns(plan: Plan, turns: int = 10) -> dict:
 
 
 def main(args) -> int:
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    backends = [b.strip() for b in (args.backends or DEFAULT_BACKENDS).split(",") if b.strip()]
+    precisions = [p.strip() for p in (args.precisions or DEFAULT_PRECISIONS).split(",") if p.strip()]
     for name in backends:
         backend_module(name)  # unknown names fail before any work
-    check_precisions(precisions)
+    check_selection(backends, precisions, backends_given=args.backends is not None, precisions_given=args.precisions is not None)
     cache_root = Path(args.cache_dir).expanduser() if args.cache_dir else DEFAULT_CACHE
     label, checkpoint, cache = resolve_checkpoint(args.model, args.shape, cache_root)
     check_context(checkpoint, max(args.prompt_tokens), args.new_tokens)

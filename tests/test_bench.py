@@ -72,6 +72,32 @@ def test_unknown_precision_is_one_line_before_any_work(tmp_path):
     assert not any(tmp_path.iterdir())  # no checkpoint built, no results written
 
 
+@pytest.mark.parametrize("backends, precisions, line", [
+    # a backend named that would run nothing: the README's full-peer command once left llama.cpp out so
+    ("ours,llamacpp", "fp32,int8,int4", "error: llamacpp runs none of the precisions fp32,int8,int4 (add one of q8_0, q4_0, q4_k_m to --precisions)"),
+    # a precision named that nothing would run
+    ("ours,pytorch", "int8,q4_0", "error: no backend of ours,pytorch runs precision q4_0 (add llamacpp to --backends)"),
+    ("pytorch", "int8", "error: no backend of pytorch runs precision int8 (add ours or optimum or ctranslate2 to --backends)"),
+])
+def test_a_selection_that_would_measure_less_than_asked_fails_before_any_work(tmp_path, backends, precisions, line):
+    proc = bench_cli("--shape", "small", "--backends", backends, "--precisions", precisions,
+                     "--cache-dir", str(tmp_path), "--output", str(tmp_path / "out"))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [line]
+    assert not any(tmp_path.iterdir())
+
+
+def test_defaults_run_what_each_backend_supports():
+    from dialogpt_edge.benchmarks.backends import BACKENDS, check_selection
+    from dialogpt_edge.benchmarks.harness import DEFAULT_BACKENDS, DEFAULT_PRECISIONS
+
+    assert DEFAULT_BACKENDS.split(",") == list(BACKENDS)
+    # every backend runs something by default, and precisions a chosen backend lacks are not an error by default
+    check_selection(DEFAULT_BACKENDS.split(","), DEFAULT_PRECISIONS.split(","), backends_given=True, precisions_given=False)
+    check_selection(["ours", "pytorch"], DEFAULT_PRECISIONS.split(","), backends_given=True, precisions_given=False)
+    check_selection(DEFAULT_BACKENDS.split(","), ["int8"], backends_given=False, precisions_given=True)
+
+
 def bench_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dialogpt_edge.runtime", "bench", *args], capture_output=True, text=True,
                           env=run_env(), timeout=300)

@@ -27,11 +27,29 @@ def backend_module(name: str):
     return importlib.import_module(BACKENDS[name])
 
 
-def check_precisions(precisions: list[str]) -> None:
-    """A precision no backend knows is a typo: fail before any work, not after a run that skipped it."""
-    known = list(dict.fromkeys(p for name in BACKENDS for p in backend_module(name).PRECISIONS))
+def check_selection(backends: list[str], precisions: list[str], *, backends_given: bool, precisions_given: bool) -> None:
+    """Fail before any work on a selection that would silently measure less than was asked for.
+
+    A precision no backend knows is a typo. What the user named must also meet: each backend
+    they named runs at least one of the precisions, and each precision they named is run by at
+    least one of the backends (defaults are lenient: a default backend runs what it supports).
+    """
+    from dialogpt_edge.runtime.errors import UserError
+
+    supported = {name: backend_module(name).PRECISIONS for name in BACKENDS}
+    known = list(dict.fromkeys(p for runs in supported.values() for p in runs))
     for precision in precisions:
         if precision not in known:
-            from dialogpt_edge.runtime.errors import UserError
-
             raise UserError(f"unknown precision {precision!r} (choose from: {', '.join(known)})")
+    if backends_given:
+        for name in backends:
+            # the PyTorch baseline always runs fp32: every ratio is taken against it
+            if name != "pytorch" and not set(precisions) & set(supported[name]):
+                raise UserError(f"{name} runs none of the precisions {','.join(precisions)} "
+                                f"(add one of {', '.join(supported[name])} to --precisions)")
+    if precisions_given:
+        for precision in precisions:
+            if not any(precision in supported[name] for name in backends):
+                runners = [name for name in BACKENDS if precision in supported[name]]
+                raise UserError(f"no backend of {','.join(backends)} runs precision {precision} "
+                                f"(add {' or '.join(runners)} to --backends)")
