@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--block-size", type=int, default=None, choices=(16, 32, 64, 128),
                      help="block size of int4 weights and of the int8 embedding / lm_head: smaller blocks are more exact, larger ones faster "
                           "(default: the widest that divides the model width, 128 for DialoGPT)")
-    exp.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
-                     help="block-quantized matmuls' compute: 4 = int8 activations (fastest on CPUs), 0 = as the input type")
+    exp.add_argument("--accuracy-level", type=int, default=None, choices=(0, 1, 2, 3, 4),
+                     help="block-quantized matmuls' compute: 4 = int8 activations (fastest on CPUs), 0 = as the input type (default: 4)")
     exp.add_argument("--kv-cache", choices=("fp16", "fp32", "int8"), default=None,
                      help="KV cache precision (default: int8 for int8/int4 weights, with per-channel scales measured on "
                           "training dialogs; fp32 for unquantized weights, which keeps their greedy ids exactly PyTorch's)")
@@ -300,13 +300,16 @@ def _import_extra(module: str, extra: str):
 
 
 def _cmd_export(args) -> int:
+    if args.quantize == "none" and (args.block_size is not None or args.accuracy_level is not None):
+        raise UserError("--block-size and --accuracy-level set how weights are quantized "
+                        "(drop them for an fp32 export, or add --quantize int8 / int4)")
     _import_extra("dialogpt_edge.export.pipeline", "export").export_model(
         args.source,
         args.output,
         force=args.force,
         quantize=args.quantize,
         block_size=args.block_size,
-        accuracy_level=args.accuracy_level,
+        accuracy_level=4 if args.accuracy_level is None else args.accuracy_level,
         verify_fidelity=not args.no_verify,
         fidelity_tokens=args.fidelity_tokens,
         kv_cache=args.kv_cache,

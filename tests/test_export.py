@@ -116,6 +116,14 @@ def test_too_few_fidelity_tokens_are_refused_before_any_work(tiny_checkpoint, tm
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("flag", [["--block-size", "64"], ["--accuracy-level", "4"]])
+def test_quantization_settings_for_an_fp32_export_are_refused(tiny_checkpoint, tmp_path, flag):
+    out = tmp_path / "fp32"
+    assert_one_line_error(export_cli(str(tiny_checkpoint), "--output", str(out), "--quantize", "none", *flag),
+                          "--block-size and --accuracy-level set how weights are quantized", "--quantize int8 / int4")
+    assert not out.exists()
+
+
 def test_an_output_folder_that_takes_no_new_folders_is_one_line(tiny_checkpoint):
     """/proc takes no new folders, whoever runs the tests (root ignores a read-only mode bit)."""
     assert_one_line_error(export_cli(str(tiny_checkpoint), "--output", "/proc/dialogpt-edge-model"),
