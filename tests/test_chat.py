@@ -54,6 +54,25 @@ def test_budget_drops_whole_old_turns_and_rebuilds_the_cache(parts):
     assert sum(len(t.ids) for t in chat.turns[:-1]) <= 40
 
 
+def test_an_over_budget_history_is_trimmed_to_three_quarters_so_later_turns_reuse_the_cache(parts):
+    session, tokenizer, model = parts
+    chat = Chat(session, tokenizer, GREEDY, history_tokens=80)
+    rebuilt_turns, kept_turns = 0, 0
+    for message in MESSAGES * 3:
+        before = chat.stats.rebuilds
+        reply = list(chat.respond(message))
+        context = chat.context_ids()[: -(len(reply) + 1)]
+        if chat.stats.rebuilds > before:  # this turn dropped old turns: down to 3/4 of the budget
+            rebuilt_turns += 1
+            assert len(context) <= int(80 * chat_module.TRIM_TO)
+        elif rebuilt_turns:  # a turn after a trim that fit: only its own tokens were prefilled
+            kept_turns += 1
+            assert chat.stats.prefill_tokens[-1] < len(context)
+        assert len(context) <= 80
+        assert reply == torch_greedy(model, context, 12)
+    assert rebuilt_turns >= 2 and kept_turns >= 1
+
+
 def test_reset_forgets_the_conversation(parts):
     session, tokenizer, model = parts
     chat = Chat(session, tokenizer, GREEDY)
