@@ -61,6 +61,11 @@ def _piped(chat: Chat, tokenizer: Tokenizer, tidy: bool, stdin, stdout) -> int:
 
 
 def _interactive(chat: Chat, tokenizer: Tokenizer, tidy: bool, name: str, stdout) -> int:
+    try:  # line editing and arrow-key history for input(); the module is missing on Windows
+        import readline  # noqa: F401
+    except ImportError:
+        pass
+
     def write(chunk: str) -> None:
         stdout.write(chunk)
         stdout.flush()

@@ -108,3 +108,21 @@ def test_ctrl_d_ends_the_session(tiny_model):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_the_up_arrow_recalls_the_last_message(tiny_model):
+    cmd = chat_cmd(tiny_model, "--seed", "0", "--max-new-tokens", "4")
+    child = pexpect.spawn(cmd[0], cmd[1:], env=run_env(), encoding="utf-8", timeout=60)
+    try:
+        child.expect("you> ")
+        child.sendline("Hello there")
+        child.expect("you> ")
+        child.send("\x1b[A\r")  # line editing as a shell has it
+        child.expect("bot> ")
+        assert child.before.strip() == "Hello there"
+        child.expect("you> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
