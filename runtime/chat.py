@@ -18,8 +18,8 @@ DEFAULT_HISTORY_TOKENS = 256
 # Every trim costs a rebuild of the cache from position 0 (see respond()); trimming to the
 # budget exactly made every later turn a rebuild, trimming to 3/4 leaves room for a few turns.
 # Held-out chitchat conversations of 20 user turns, 32-token replies, budget 256: prompt tokens
-# per turn 172 -> 77 and first token 113 -> 58 ms on the DialoGPT-small shape (int8), 127 -> 50
-# and 15.4 -> 6.9 ms on the shipped model (benchmarks/results/experiments.md).
+# per turn 172 -> 77 and first token 113-132 -> 56-59 ms on the DialoGPT-small shape (int8),
+# 127 -> 50 and 15.4 -> 6.9 ms on the shipped model (benchmarks/results/experiments.md).
 TRIM_TO = 0.75
 
 
