@@ -194,6 +194,8 @@ def run(plan: Plan) -> list[dict]:
                 combos.append((name, precision))
         if name == "pytorch" and "fp32" not in plan.precisions:
             combos.append(("pytorch", "fp32"))  # the baseline every ratio is taken against
+        elif not any(c[0] == name for c in combos):  # a default backend with nothing asked of it
+            notes.append(f"{name}: runs none of {','.join(plan.precisions)} (it runs {', '.join(module.PRECISIONS)})")
     if not combos:
         raise UserError("no backend/precision to run (" + "; ".join(notes) + ")")
     artifacts, failed = {}, {}

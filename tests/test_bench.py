@@ -138,6 +138,19 @@ def test_a_peer_that_is_not_installed_is_skipped_with_a_note(monkeypatch, tmp_pa
         harness.run(plan)
 
 
+def test_a_backend_with_none_of_the_precisions_is_named_in_the_notes(monkeypatch, tmp_path):
+    from dialogpt_edge.benchmarks import harness
+    from dialogpt_edge.benchmarks.backends import backend_module
+    from dialogpt_edge.runtime.errors import UserError
+
+    monkeypatch.setattr(backend_module("llamacpp"), "available", lambda: None)  # installed or not, it has nothing to run
+    monkeypatch.setattr(backend_module("optimum"), "available", lambda: "optimum not installed")
+    plan = harness.Plan(label="x", checkpoint=tmp_path, cache=tmp_path, backends=["llamacpp", "optimum"], precisions=["int8-kv16"],
+                        prompt_tokens=[8], new_tokens=2, threads=[1], runs=1, warmup=0, passes=1, output=tmp_path, command="")
+    with pytest.raises(UserError, match=r"llamacpp: runs none of int8-kv16 \(it runs q8_0, q4_0, q4_k_m\)"):
+        harness.run(plan)
+
+
 def test_memory_floor_counts_the_cache_each_precision_really_keeps():
     from dialogpt_edge.benchmarks.record import kv_value_bytes
 
