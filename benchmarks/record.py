@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dialogpt_edge.export.pipeline import installed_versions
+from dialogpt_edge.runtime.manifest import installed_versions
 
 from . import machine
 

@@ -9,11 +9,12 @@ import shutil
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 from dialogpt_edge.runtime.errors import UserError
-from dialogpt_edge.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, MODEL_FILE, TOKENIZER_FILE, ModelSpec, write_manifest
+from dialogpt_edge.runtime.manifest import (
+    FORMAT_VERSION, MANIFEST_NAME, MODEL_FILE, TOKENIZER_FILE, ModelSpec, installed_versions, write_manifest,
+)
 from dialogpt_edge.runtime.session import Session
 from dialogpt_edge.runtime.tokenizer import Tokenizer
 
@@ -46,17 +47,6 @@ class Progress:
         if self.t0 is not None:
             print(f" {time.perf_counter() - self.t0:.1f}s", file=self.stream, flush=True)
             self.t0 = None
-
-
-def installed_versions(*dists: str) -> dict[str, str]:
-    """Python's and each installed distribution's version (missing ones left out)."""
-    out = {"python": sys.version.split()[0]}
-    for dist in dists:
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def check_output(output: Path, force: bool) -> None:

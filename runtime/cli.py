@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action=_Version, help="this package's version and the runtime libraries' (for bug reports)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser(
@@ -184,6 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache-dir", default=None, help="where exports are cached between runs (default ~/.cache/dialogpt-edge/bench)")
     bench.set_defaults(handler=_cmd_bench)
     return parser
+
+
+class _Version(argparse.Action):
+    """--version, read from the installed distributions' metadata (nothing is imported for it)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .manifest import installed_versions
+
+        versions = installed_versions("dialogpt-edge", "onnxruntime", "numpy", "tokenizers")
+        ours = versions.pop("dialogpt-edge", "(not installed)")
+        print(f"dialogpt-edge {ours} ({', '.join(f'{k} {v}' for k, v in versions.items())})")
+        parser.exit()
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, defaults: SamplingConfig, max_new_help: str) -> None:

@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,17 @@ def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
         if p.is_file() and p.name != MANIFEST_NAME:
             files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     return files
+
+
+def installed_versions(*dists: str) -> dict[str, str]:
+    """Python's and each installed distribution's version (missing ones left out)."""
+    out = {"python": sys.version.split()[0]}
+    for dist in dists:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:

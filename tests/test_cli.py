@@ -146,6 +146,17 @@ def test_context_overflow_is_a_clear_error(tiny_model, capsys):
     assert err.startswith("error: ") and "1024 positions" in err
 
 
+def test_version_names_the_runtime_libraries():
+    proc = cli("--version")
+    assert proc.returncode == 0 and proc.stderr == ""
+    from importlib import metadata
+
+    line = proc.stdout.strip()
+    assert line.startswith(f"dialogpt-edge {metadata.version('dialogpt-edge')} (python ")
+    for dist in ("onnxruntime", "numpy", "tokenizers"):
+        assert f"{dist} {metadata.version(dist)}" in line
+
+
 def test_usage_errors_exit_2():
     assert cli("generate", "--prompt", "Hi", "--max-new-tokens", "-3").returncode == 2
     assert cli("frobnicate").returncode == 2
