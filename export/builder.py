@@ -62,6 +62,13 @@ def check_config(config) -> None:
             raise UnsupportedConfig(f"GPT-2 configs with {flag}=true are not supported (DialoGPT has it false)")
     if not getattr(config, "scale_attn_weights", True):
         raise UnsupportedConfig("GPT-2 configs with scale_attn_weights=false are not supported (DialoGPT has it true)")
+    if config.n_embd % config.n_head:
+        raise UnsupportedConfig(f"n_embd {config.n_embd} is not a multiple of n_head {config.n_head} (check config.json)")
+    if (config.n_embd // config.n_head) % 8:
+        raise UnsupportedConfig(
+            f"a head size of {config.n_embd // config.n_head} (n_embd {config.n_embd} / n_head {config.n_head}) is not "
+            "supported: onnxruntime's GroupQueryAttention on CPU needs a multiple of 8 (DialoGPT's is 64)"
+        )
 
 
 class _Builder:

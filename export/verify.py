@@ -90,11 +90,15 @@ def check_parity(
 ) -> Parity:
     """Greedy ids must be equal, and logits within logit_bound() at every prompt and decode position."""
     eos = session.spec.eos_token_id
+    positions = session.spec.n_positions
     max_diff = 0.0
     max_logit = 0.0
     for done, prompt in enumerate(prompts, 1):
-        expected = torch_greedy(model, prompt, new_tokens, eos)
-        got = list(generate(session, prompt, max_new_tokens=new_tokens))
+        # a model with few positions gets the end of each prompt and a continuation that fits after it
+        prompt = prompt[-max(1, positions // 2):]
+        n_new = min(new_tokens, positions - len(prompt))
+        expected = torch_greedy(model, prompt, n_new, eos)
+        got = list(generate(session, prompt, max_new_tokens=n_new))
         if got != expected:
             first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
             raise ParityError(

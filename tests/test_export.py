@@ -273,17 +273,38 @@ def test_int8_kv_cache_is_calibrated_on_training_dialogs_and_measured_on_held_ou
 @pytest.mark.parametrize("variant, message", [
     ({"activation_function": "relu"}, "activation_function 'relu' is not supported"),
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=true are not supported"),
+    # onnxruntime's attention refuses it at run time, deep in the parity check, without this check
+    ({"n_head": 16}, "a head size of 4 (n_embd 64 / n_head 16) is not supported"),
 ])
 def test_gpt2_variants_the_graph_would_get_wrong_are_refused(tmp_path, variant, message):
     from conftest import TINY, make_checkpoint
 
-    ckpt = make_checkpoint(tmp_path / "ckpt", **TINY, **variant)
+    ckpt = make_checkpoint(tmp_path / "ckpt", **{**TINY, **variant})
     proc = export_cli(str(ckpt), "--output", str(tmp_path / "out"))
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr
     assert "Traceback" not in proc.stderr
     assert leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+def test_a_model_with_few_positions_exports_and_generates_to_its_end(tmp_path):
+    """The parity prompts and continuations are fitted to the model (transformers failed at 40 positions)."""
+    from transformers import GPT2LMHeadModel
+
+    from conftest import TINY, make_checkpoint, torch_greedy
+    from dialogpt_edge.runtime import Session, SamplingConfig, generate, load
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", n_positions=40, **TINY)
+    folder = export_quietly(ckpt, tmp_path / "int8", "int8", fidelity_tokens=256)
+    session = Session(load(folder), threads=1)
+    assert session.spec.n_positions == 40
+    prompt = [15496, 11, 703, 389, 345, 30, 50256]
+    ids = list(generate(session, prompt, SamplingConfig.greedy(max_new_tokens=100, min_new_tokens=100)))
+    assert len(ids) == 40 - len(prompt) + 1  # up to the last position, then the token it predicts
+    fp32 = Session(load(export_quietly(ckpt, tmp_path / "fp32")), threads=1)
+    model = GPT2LMHeadModel.from_pretrained(ckpt).eval()
+    assert list(generate(fp32, prompt, SamplingConfig.greedy(max_new_tokens=20))) == torch_greedy(model, prompt, 20)
 
 
 def test_an_untied_lm_head_is_exported_and_quantized_as_its_own_matrix(tmp_path):
