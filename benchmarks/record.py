@@ -102,7 +102,8 @@ def to_markdown(records: list[dict], chat: dict | None = None) -> str:
         m = rows[0]["machine"]
         lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores; memory read bandwidth {rows[0]['memory_bandwidth_gbps']:.1f} GB/s"
                   + (f" (best of probes {', '.join(f'{b:.1f}' for b in rows[0]['bandwidth_probes_gbps'])})" if rows[0].get("bandwidth_probes_gbps") else "") + ". "
-                  f"Medians over {rows[0]['passes']} rotated passes x {rows[0]['runs']} runs. Command: `{rows[0]['command']}`.", ""]
+                  f"Medians over {_count(rows[0]['passes'], 'rotated pass', 'rotated passes')} x {_count(rows[0]['runs'], 'run', 'runs')}. "
+                  f"Command: `{rows[0]['command']}`.", ""]
         versions = sorted({(r["backend"], r["backend_version"]) for r in rows})  # a peer's build and mode decide its row
         lines += ["Versions: " + "; ".join(f"{name}: {v}" for name, v in versions) + ".", ""]
     if chat:
@@ -135,3 +136,7 @@ def write_outputs(plan, records: list[dict], chat: dict | None) -> list[Path]:
     except ImportError:
         pass  # matplotlib is in the bench extra; the JSON and table are the record
     return paths
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
