@@ -105,9 +105,11 @@ class Chat:
 
         Closing the iterator early (Ctrl-C) keeps what was yielded as the bot's turn.
         """
-        user_ids = self.tokenizer.encode_turn(text)
-        if len(user_ids) == 1:
+        if not isinstance(text, str):
+            raise TypeError(f"a message is a str, not {type(text).__name__}")
+        if not text.strip():
             raise UserError("empty message (type something to say)")
+        user_ids = self.tokenizer.encode_turn(text)
         if len(user_ids) > self.history_tokens:  # one huge message: keep its end
             user_ids = user_ids[-self.history_tokens :]
         self.turns.append(Turn("user", user_ids))

@@ -56,6 +56,15 @@ def _bind(bind, name: str, array: np.ndarray) -> None:
     bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
 
 
+def _thread_count(threads: int | None) -> int:
+    """`threads` checked, or the default (one per physical core) for None."""
+    if threads is None:
+        return default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, or None for one per physical core; got {threads!r}")
+    return threads
+
+
 def session_options(threads: int) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -90,7 +99,7 @@ class Session:
 
     def __init__(self, spec: ModelSpec, threads: int | None = None, *, graph: Path | None = None):
         self.spec = spec
-        self.threads = threads or default_threads()
+        self.threads = _thread_count(threads)
         self.graph = graph or spec.model_path
         try:
             self._session = ort.InferenceSession(
@@ -222,7 +231,7 @@ def open_model(folder: str | os.PathLike | Path, threads: int | None = None, *, 
 
 def _open_checked(spec: ModelSpec, threads: int | None, prepack: bool | None) -> Session:
     """open_model() for a folder whose manifest is already read."""
-    threads = threads or default_threads()
+    threads = _thread_count(threads)
     with ThreadPoolExecutor(max_workers=1) as pool:
         check = pool.submit(verify_checksums, spec)
         try:

@@ -73,6 +73,19 @@ def test_an_over_budget_history_is_trimmed_to_three_quarters_so_later_turns_reus
     assert rebuilt_turns >= 2 and kept_turns >= 1
 
 
+@pytest.mark.parametrize("message, error, text", [
+    ("", chat_module.UserError, "empty message"),
+    ("  \t ", chat_module.UserError, "empty message"),  # whitespace says nothing either
+    (None, TypeError, "a message is a str, not NoneType"),
+])
+def test_a_message_with_nothing_to_say_is_refused(parts, message, error, text):
+    session, tokenizer, _ = parts
+    chat = Chat(session, tokenizer, GREEDY)
+    with pytest.raises(error, match=text):
+        chat.reply(message)
+    assert chat.turns == [] and chat.cache.length == 0
+
+
 def test_reset_forgets_the_conversation(parts):
     session, tokenizer, model = parts
     chat = Chat(session, tokenizer, GREEDY)

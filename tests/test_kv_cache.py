@@ -81,6 +81,16 @@ def test_ids_outside_the_vocabulary_are_refused_before_the_graph_runs(tiny_model
     assert cache.length == 0
 
 
+@pytest.mark.parametrize("threads", [0, -1, "2", 1.5, True])
+def test_a_thread_count_that_is_not_a_positive_int_is_refused(tiny_model, threads):
+    from dialogpt_edge.runtime import open_model
+
+    with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+        Session(load(tiny_model), threads=threads)
+    with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+        open_model(tiny_model, threads=threads)
+
+
 def test_generate_ends_where_the_cache_is_full(tiny_model):
     session = Session(load(tiny_model), threads=1)
     config = SamplingConfig.greedy().replace(max_new_tokens=50, min_new_tokens=50)
