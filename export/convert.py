@@ -100,6 +100,14 @@ def load_torch_model(source: Source):
 def load_hf_tokenizer(source: Source):
     from transformers import AutoTokenizer
 
+    folder = Path(source.ref)
+    if source.is_local and not (folder / "tokenizer.json").is_file() and not (
+        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    ):
+        raise UserError(
+            f"{source.ref} has no tokenizer files (DialoGPT uses GPT-2's tokenizer: copy tokenizer.json, "
+            "or vocab.json and merges.txt, from the checkpoint it was trained from into the folder)"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(source.ref, use_fast=True)
     except (OSError, ValueError, TypeError) as e:
