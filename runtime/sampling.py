@@ -162,31 +162,45 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
 def _nucleus(values: np.ndarray, p: float) -> np.ndarray:
     """Which of `values` (finite logits) the top-p filter keeps.
 
-    transformers sorts all of them ascending and removes each token whose cumulative probability
-    (its own and every smaller one's) is <= 1 - p. The same rule, with only the largest few
-    hundred sorted (a stable sort of 50,257 logits took 5.3 ms per token), more when the rule
-    reaches below them; equal values are ordered as transformers' stable sort orders them.
+    transformers sorts all of them ascending (stably) and removes each token whose cumulative
+    probability (its own and every smaller one's) is <= 1 - p, keeping at least the most likely.
+    The same rule from sorted values, of the largest 256 first (enough for a peaked distribution),
+    else of all; no index sort: equal values have equal probabilities, so the order among ties
+    matters only at the boundary value, where a stable sort puts the lower indices first. Per call
+    at 50,257 logits (best of 7 rounds): 0.20 ms peaked, 0.94 ms flat, against 0.29 and 3.2-9.3
+    ms with the indices sorted stably; a flat distribution is a high temperature's, an untrained
+    model's, or the nucleus of a p near 1.
     """
     n = values.size
-    probs = _softmax(values)
-    m = min(n, 256)
-    while True:
-        if m < n:  # the m largest, and everything equal to the smallest of them
-            top = np.flatnonzero(values >= values[np.argpartition(values, n - m)[n - m]])
-        else:
-            top = np.arange(n)
-        top = top[np.lexsort((-top, -values[top]))]  # descending, as the stable ascending sort reversed
-        outside = np.ones(n, bool)
-        outside[top] = False
-        # cumulative probability of each of `top` in ascending order: everything below it, then itself
-        cumulative = probs[outside].sum() + np.cumsum(probs[top][::-1])[::-1]
-        removed = cumulative <= 1 - p
-        removed[0] = False  # keep at least the most likely token
-        if removed[-1] or top.size == n:
-            break
-        m = min(n, 4 * m)
-    keep = np.zeros(n, bool)
-    keep[top[~removed]] = True
+    peak = np.float64(values.max())
+    z = np.exp(values.astype(np.float64) - peak)
+    total = z.sum()
+    if n > 1024:
+        above = values >= np.partition(values, n - 256)[n - 256]
+        ascending = np.sort(values[above])
+        below = n - ascending.size
+        mass_below = (total - z[above].sum()) / total  # not z[~above]: no copy of 50,000 values
+        removed = _removed(ascending, peak, total, 1 - p, mass_below)
+        if removed:  # the boundary lies among the 256
+            return _keep(values, ascending, below, min(below + removed, n - 1))
+    ascending = np.sort(values)
+    return _keep(values, ascending, 0, min(_removed(ascending, peak, total, 1 - p, 0.0), n - 1))
+
+
+def _removed(ascending: np.ndarray, peak: np.float64, total: np.float64, limit: float, mass_below: float) -> int:
+    """How many of `ascending` have a cumulative probability (mass_below, then theirs in order) <= limit."""
+    cumulative = mass_below + np.cumsum(np.exp(ascending.astype(np.float64) - peak) / total)
+    return int(np.searchsorted(cumulative, limit, side="right"))
+
+
+def _keep(values: np.ndarray, ascending: np.ndarray, below: int, removed: int) -> np.ndarray:
+    """Keep all but the `removed` smallest of `values`; `ascending` is their largest sorted, above `below` others."""
+    if removed == 0:
+        return np.ones(values.size, bool)
+    boundary = ascending[removed - below - 1]  # the largest value that goes
+    keep = values > boundary
+    ties = np.flatnonzero(values == boundary)  # the lowest indices go first
+    keep[ties[removed - below - int(np.searchsorted(ascending, boundary, side="left")) :]] = True
     return keep
 
 
