@@ -57,8 +57,8 @@ class SamplingConfig:
             bad("min_new_tokens", "an integer >= 0")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             bad("max_new_tokens", "an integer >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", "an integer")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            bad("seed", "an integer >= 0")  # numpy's generators take no negative seed
 
     @classmethod
     def greedy(cls, **overrides) -> "SamplingConfig":

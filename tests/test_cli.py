@@ -92,6 +92,9 @@ def test_generate_sampling_settings_are_checked(tiny_model):
     proc = cli("generate", "-m", str(tiny_model), "--prompt", "Hi", "--top-k", "many")
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: argument --top-k: must be an integer >= 1 or 'none', got 'many'")
+    proc = cli("generate", "-m", str(tiny_model), "--prompt", "Hi", "--temperature", "1", "--seed", "-5")
+    assert proc.returncode == 1  # numpy's generators refuse negative seeds, deep inside the first draw
+    assert proc.stderr == "error: --seed must be an integer >= 0, got -5\n"
 
 
 def test_generate_prints_the_continuation(tiny_model):

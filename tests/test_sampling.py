@@ -177,7 +177,8 @@ def test_sampled_frequencies_follow_the_filtered_softmax(config):
 @pytest.mark.parametrize(
     "field, value",
     [("temperature", -0.1), ("temperature", float("nan")), ("top_k", 0), ("top_p", 1.5), ("top_p", 0.0),
-     ("repetition_penalty", 0.0), ("no_repeat_ngram_size", -1), ("min_new_tokens", -2), ("max_new_tokens", -1)],
+     ("repetition_penalty", 0.0), ("no_repeat_ngram_size", -1), ("min_new_tokens", -2), ("max_new_tokens", -1),
+     ("seed", -5), ("seed", 1.5)],
 )
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(SamplingConfigError) as info:
