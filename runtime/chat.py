@@ -57,6 +57,8 @@ class Chat:
     ):
         self.session = session
         self.tokenizer = tokenizer
+        if config is not None and not isinstance(config, SamplingConfig):
+            raise TypeError(f"config must be a SamplingConfig (SamplingConfig(**settings)), not {type(config).__name__}")
         self.config = config or SamplingConfig()
         n_positions = session.spec.n_positions
         if self.config.max_new_tokens < 1:  # every reply would be empty
@@ -71,11 +73,11 @@ class Chat:
             )
         if history_tokens is None:  # the default adapts to models with fewer positions
             history_tokens = max(1, min(DEFAULT_HISTORY_TOKENS, limit))
-        if not 1 <= history_tokens <= limit:
+        if isinstance(history_tokens, bool) or not isinstance(history_tokens, int) or not 1 <= history_tokens <= limit:
             raise SamplingConfigError(
                 "history_tokens",
-                f"history_tokens must be between 1 and {limit} (the model's {n_positions} positions minus "
-                f"max_new_tokens {self.config.max_new_tokens}), got {history_tokens}"
+                f"history_tokens must be an integer between 1 and {limit} (the model's {n_positions} positions minus "
+                f"max_new_tokens {self.config.max_new_tokens}), got {history_tokens!r}"
             )
         self.history_tokens = history_tokens
         self.penalize_whole_history = penalize_whole_history

@@ -32,11 +32,13 @@ def generate(
     `max_new_tokens` / `min_new_tokens` override the config's. The reply also ends where the
     model's positions (or the cache's capacity) run out: at most `reply_room()` tokens.
     """
-    config = config or SamplingConfig.greedy()
+    if isinstance(prompt_ids, (str, bytes)):
+        raise TypeError("prompt_ids are token ids: encode text first (tokenizer.encode_turn(text))")
+    config = _checked_config(config)
     max_new = config.max_new_tokens if max_new_tokens is None else max_new_tokens
     min_new = config.min_new_tokens if min_new_tokens is None else min_new_tokens
-    if max_new < 0 or min_new < 0:
-        raise ValueError("max_new_tokens and min_new_tokens must be >= 0")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (max_new, min_new)):
+        raise ValueError(f"max_new_tokens and min_new_tokens must be integers >= 0, got {max_new!r} and {min_new!r}")
     if max_new == 0:
         return
     if rng is None:
@@ -62,6 +64,14 @@ def generate(
         seen.append(token)
         if n + 1 < max_new:
             logits = session.decode_step(token, cache)
+
+
+def _checked_config(config: SamplingConfig | None) -> SamplingConfig:
+    if config is None:
+        return SamplingConfig.greedy()
+    if not isinstance(config, SamplingConfig):
+        raise TypeError(f"config must be a SamplingConfig (SamplingConfig(**settings)), not {type(config).__name__}")
+    return config
 
 
 def reply_room(session: Session, cache: KVCache) -> int:

@@ -128,6 +128,9 @@ class Session:
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """A cache for up to `capacity` positions (default: all the model has); memory is committed as it fills."""
         capacity = self.spec.n_positions if capacity is None else capacity
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= self.spec.n_positions:
+            # more would reserve memory no position can use
+            raise ValueError(f"capacity must be an integer from 1 to the model's {self.spec.n_positions} positions, got {capacity!r}")
         return KVCache(self.spec.n_layer, self.spec.n_head, self.spec.head_dim, capacity, self.cache_dtype)
 
     def positions_left(self, cache: KVCache) -> int:

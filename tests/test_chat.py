@@ -86,6 +86,14 @@ def test_a_message_with_nothing_to_say_is_refused(parts, message, error, text):
     assert chat.turns == [] and chat.cache.length == 0
 
 
+def test_chat_settings_of_the_wrong_type_are_named(parts):
+    session, tokenizer, _ = parts
+    with pytest.raises(TypeError, match="config must be a SamplingConfig"):
+        Chat(session, tokenizer, {"temperature": 1.0})
+    with pytest.raises(chat_module.SamplingConfigError, match="history_tokens must be an integer between 1 and 960.*got '100'"):
+        Chat(session, tokenizer, GREEDY.replace(max_new_tokens=64), history_tokens="100")
+
+
 def test_reset_forgets_the_conversation(parts):
     session, tokenizer, model = parts
     chat = Chat(session, tokenizer, GREEDY)
@@ -134,7 +142,7 @@ def test_a_repeated_reply_is_regenerated_unseen(parts, monkeypatch):
 
 def test_history_budget_must_fit_the_positions(parts):
     session, tokenizer, _ = parts
-    with pytest.raises(Exception, match="history_tokens must be between 1 and 960"):
+    with pytest.raises(Exception, match="history_tokens must be an integer between 1 and 960"):
         Chat(session, tokenizer, SamplingConfig(max_new_tokens=64), history_tokens=1000)
 
 

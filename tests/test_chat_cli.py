@@ -62,7 +62,7 @@ def test_piped_chat_is_reproducible_with_a_seed(tiny_model):
         (["--top-k", "0"], "--top-k must be an integer >= 1"),
         (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
         (["--temperature", "-1"], "--temperature must be"),
-        (["--history-tokens", "2000"], "--history-tokens must be between 1 and 960"),
+        (["--history-tokens", "2000"], "--history-tokens must be an integer between 1 and 960"),
         (["--max-new-tokens", "5000"], "--max-new-tokens must be below the model's 1024 positions, got 5000"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1 in a chat, got 0"),
     ],

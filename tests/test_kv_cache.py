@@ -91,6 +91,26 @@ def test_a_thread_count_that_is_not_a_positive_int_is_refused(tiny_model, thread
         open_model(tiny_model, threads=threads)
 
 
+@pytest.mark.parametrize("capacity", [0, 1025, 10**9, 10.5, "8"])
+def test_a_cache_capacity_beyond_the_positions_is_refused(tiny_model, capacity):
+    # 10**9 positions used to reach mmap as an ENOMEM OSError; past 1024 no position could use them
+    session = Session(load(tiny_model), threads=1)
+    with pytest.raises(ValueError, match="capacity must be an integer from 1 to the model's 1024 positions"):
+        session.new_cache(capacity)
+
+
+@pytest.mark.parametrize("call, error, text", [
+    (lambda s: generate(s, "Hi"), TypeError, r"encode text first \(tokenizer.encode_turn"),
+    (lambda s: generate(s, [15496], {"temperature": 1.0}), TypeError, "config must be a SamplingConfig"),
+    (lambda s: generate(s, [15496], max_new_tokens=3.0), ValueError, "must be integers >= 0"),
+    (lambda s: generate(s, [15496], min_new_tokens=-1), ValueError, "must be integers >= 0"),
+])
+def test_generate_names_what_is_wrong_with_its_arguments(tiny_model, call, error, text):
+    session = Session(load(tiny_model), threads=1)
+    with pytest.raises(error, match=text):
+        list(call(session))
+
+
 def test_generate_ends_where_the_cache_is_full(tiny_model):
     session = Session(load(tiny_model), threads=1)
     config = SamplingConfig.greedy().replace(max_new_tokens=50, min_new_tokens=50)
