@@ -24,6 +24,20 @@ def test_piped_input_gives_one_reply_line_per_line(tiny_model):
     assert all(line.strip() for line in lines[:2])
 
 
+def test_a_reader_that_stops_reading_ends_the_chat_quietly(tiny_model, tmp_path):
+    """`chat < questions | head -1`: once the pipe is closed, the next reply line ends the process
+    with SIGPIPE's exit status and nothing on stderr (it was a BrokenPipeError traceback)."""
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Hi\n" * 3000)  # seconds of replies: the reader is gone long before the last
+    with questions.open() as stdin:
+        proc = subprocess.Popen(chat_cmd(tiny_model, "--seed", "0", "--max-new-tokens", "4"), stdin=stdin,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env())
+        assert proc.stdout.readline().strip()
+        proc.stdout.close()
+        stderr = proc.stderr.read()
+        assert proc.wait(timeout=120) == 141 and stderr == ""
+
+
 def test_piped_reset_starts_a_new_conversation_and_blank_lines_get_no_reply(tiny_model):
     proc = subprocess.run(chat_cmd(tiny_model, "--temperature", "0", "--max-new-tokens", "8"), input="Hi\n\n  \n/reset\nHi\n",
                           capture_output=True, text=True, env=run_env(), timeout=120)
