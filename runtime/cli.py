@@ -225,7 +225,11 @@ def _top_k(text: str) -> int | None:
 
 def _require_model(args) -> str:
     """A typed flag, then the environment, then the shipped model."""
-    model = args.model or os.environ.get(MODEL_ENV) or shipped_model_dir()
+    from_env = os.environ.get(MODEL_ENV)
+    if not args.model and from_env and not os.path.exists(from_env):  # a stale setting is easy to forget
+        raise UserError(f"${MODEL_ENV} names {from_env}, which does not exist (set it to a model folder, "
+                        "or unset it for the shipped model)")
+    model = args.model or from_env or shipped_model_dir()
     if not model:
         raise UserError(f"no model given and no shipped model in this install (pass --model DIR, or set {MODEL_ENV})")
     return model

@@ -108,6 +108,9 @@ def test_model_from_environment(tiny_model):
     proc = cli("generate", "--prompt", "Hi", "--max-new-tokens", "2", "--json", env=dict(run_env(), DIALOGPT_EDGE_MODEL=str(tiny_model)))
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["ids"]) == 2
+    stale = cli("generate", "--prompt", "Hi", env=dict(run_env(), DIALOGPT_EDGE_MODEL="/no/such/model"))
+    assert stale.returncode == 1
+    assert stale.stderr.startswith("error: $DIALOGPT_EDGE_MODEL names /no/such/model, which does not exist")
 
 
 def test_generate_stops_where_the_positions_run_out(tiny_model, capsys):
