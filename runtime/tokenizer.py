@@ -34,7 +34,9 @@ class Tokenizer:
 
 
 # tokenizer.json as transformers and tokenizers write it today stores BPE merges as pairs; tokenizers
-# 0.19 and older read only "a b" strings and reject the file (checked: 0.15.2 and 0.19.1 fail, 0.20.0 reads it)
+# 0.19 and older read only "a b" strings and reject the file (checked: 0.15.2 and 0.19.1 fail, 0.20.0
+# reads it). The exporter writes strings (export/pipeline.py: write_tokenizer), which 0.13.3 reads;
+# folders exported before it did keep pairs, and need this version.
 MIN_TOKENIZERS = (0, 20)
 
 
@@ -45,7 +47,9 @@ def _fix_for(version: str) -> str:
         too_old = tuple(int(part) for part in version.split(".")[:2]) < MIN_TOKENIZERS
     except ValueError:  # a development build: say both
         return f"pip install -U 'tokenizers>={needed}', or re-export the model"
-    return f"this file needs tokenizers >= {needed}: pip install -U 'tokenizers>={needed}'" if too_old else "re-export the model"
+    if too_old:
+        return f"this file needs tokenizers >= {needed}: pip install -U 'tokenizers>={needed}', or re-export the model"
+    return "re-export the model"
 
 
 def _valid_unicode(text: str) -> str:

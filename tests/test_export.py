@@ -61,6 +61,24 @@ def test_manifest_describes_the_folder(tiny_model, tiny_checkpoint):
         assert manifest["versions"][dist]
 
 
+def test_tokenizer_merges_are_written_as_strings_unless_a_token_has_a_space(tiny_model, tmp_path):
+    """Strings parse faster than pairs and every tokenizers version reads them; pairs stay where a
+    token has a space, which the string form cannot say. Either way the file encodes as the source
+    tokenizer does (tests/test_tokenizer.py compares the exported one with GPT-2's)."""
+    import tokenizers
+    from tokenizers.models import BPE
+
+    from dialogpt_edge.export.pipeline import write_tokenizer
+
+    merges = json.loads((tiny_model / "tokenizer.json").read_text())["model"]["merges"]
+    assert len(merges) == 50000 and all(isinstance(m, str) and m.count(" ") == 1 for m in merges)
+
+    spaced = tokenizers.Tokenizer(BPE({"a": 0, " ": 1, "b": 2, "a ": 3, "a b": 4}, [("a", " "), ("a ", "b")]))
+    write_tokenizer(spaced, tmp_path / "tokenizer.json")
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["model"]["merges"] == [["a", " "], ["a ", "b"]]
+    assert tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode("a b").ids == [4]
+
+
 def test_residual_layer_norms_stay_unfused_when_onnxruntime_loads_them(tiny_model, tmp_path):
     """The graph writes Sum + LayerNormalization because onnxruntime's fused SkipLayerNormalization is
     slower on one row (benchmarks/results/experiments.md); its optimizer fuses an Add + LayerNormalization

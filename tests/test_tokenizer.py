@@ -68,12 +68,13 @@ def test_undecodable_input_bytes_become_replacement_characters(tiny_model):
 
 
 @pytest.mark.parametrize("version, fix", [
-    ("0.19.1", "this file needs tokenizers >= 0.20: pip install -U 'tokenizers>=0.20')"),
+    ("0.19.1", "this file needs tokenizers >= 0.20: pip install -U 'tokenizers>=0.20', or re-export the model)"),
     ("0.23.3", "(re-export the model)"),
 ])
 def test_an_unreadable_tokenizer_names_the_fix(tmp_path, monkeypatch, version, fix):
-    """tokenizers 0.19 and older cannot read tokenizer.json's merges as pairs (the shipped model's failed
-    with 0.15.2 and 0.19.1): the error names the installed version and, if it is that old, the upgrade."""
+    """tokenizers 0.19 and older cannot read tokenizer.json's merges as pairs (folders exported before the
+    exporter wrote strings; 0.15.2 and 0.19.1 failed on them): the error names the installed version and,
+    if it is that old, the upgrade."""
     import tokenizers
 
     from dialogpt_edge.runtime import ModelFolderError
