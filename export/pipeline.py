@@ -213,8 +213,8 @@ def export_model(
 def write_tokenizer(tokenizer, path: Path) -> None:
     """tokenizer.json, with BPE merges as "a b" strings where no token has a space (GPT-2's never do).
 
-    tokenizers writes merges as pairs, which it parses slower: 108 -> 87 ms of every chat's start-up
-    for GPT-2's 50,000 merges (best of 5, `Tokenizer.from_str`), and versions before 0.20 cannot read
+    tokenizers writes merges as pairs, which it parses slower: 121 -> 89 ms of every chat's start-up
+    for GPT-2's 50,000 merges (best of 9, `Tokenizer.from_file`), and versions before 0.20 cannot read
     pairs at all. Both forms give the same merges; a vocabulary with spaces keeps the pairs. Written
     without indentation, which tokenizers parses no slower.
     """
