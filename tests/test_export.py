@@ -166,6 +166,13 @@ def test_force_never_replaces_a_folder_that_is_not_a_model(tiny_checkpoint, tmp_
     assert (precious / "thesis.tex").read_text() == "years of work"
 
 
+def test_a_model_folder_given_as_the_source_is_told_to_use_its_checkpoint(tiny_model, tiny_checkpoint, tmp_path):
+    line = assert_one_line_error(export_cli(str(tiny_model), "--output", str(tmp_path / "out")))
+    assert line == (f"error: {tiny_model} is a dialogpt-edge model folder, already exported; give the checkpoint it "
+                    f"came from instead (its manifest names {tiny_checkpoint.name})")
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_source(tmp_path):
     assert_one_line_error(export_cli(str(tmp_path / "nope" / "ckpt"), "--output", str(tmp_path / "out")), "no such folder")
     assert not (tmp_path / "out").exists()
