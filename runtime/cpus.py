@@ -1,11 +1,14 @@
-"""The CPUs this process may run on, and how many physical cores they make: the thread defaults."""
+"""The CPUs this process may run on, how many physical cores they make, and its cgroup's CPU limit: the thread defaults."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 _SYSFS = Path("/sys/devices/system/cpu")
+_CGROUPS = Path("/sys/fs/cgroup")
+_PROC_CGROUP = Path("/proc/self/cgroup")
 
 
 def usable_cpus() -> int:
@@ -17,11 +20,22 @@ def usable_cpus() -> int:
 
 
 def default_threads(sysfs: Path = _SYSFS) -> int:
-    """One thread per physical core among the usable CPUs, as onnxruntime and llama.cpp default to.
+    """One thread per physical core among the usable CPUs, as onnxruntime and llama.cpp default to,
+    and no more than the cgroup's CPU limit allows (rounded up).
 
     Decode is memory-bound: a hyper-thread sibling adds no bandwidth and contends for its core.
     Where the topology cannot be read (not Linux, a container without /sys), every usable CPU counts.
+    A CPU limit (`docker --cpus`, a Kubernetes limit) leaves every core visible but throttles the
+    process once its threads together use the quota: under a one-CPU quota on this two-core machine,
+    two threads decoded 256 int4 tokens at 10.1-12.4 ms/token, one thread at 8.4-9.6
+    (benchmarks/results/experiments.md).
     """
+    quota = cpu_quota()
+    cores = _physical_cores(sysfs)
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def _physical_cores(sysfs: Path) -> int:
     try:
         cpus = os.sched_getaffinity(0)
     except AttributeError:
@@ -38,3 +52,52 @@ def default_threads(sysfs: Path = _SYSFS) -> int:
         else:
             return max(1, len(cpus))
     return max(1, len(cores))
+
+
+def cpu_quota(proc_cgroup: Path = _PROC_CGROUP, root: Path = _CGROUPS) -> float | None:
+    """CPUs' worth of time per period that this process's cgroups allow, the tightest of them and
+    their ancestors (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us`); None where unlimited or unreadable."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        if hierarchy == "0" and not controllers:  # cgroup v2
+            limits += [_v2_limit(folder) for folder in _up_from(root, path)]
+        elif "cpu" in controllers.split(","):  # cgroup v1, mounted as "cpu,cpuacct" or "cpu"
+            base = root / controllers if (root / controllers).is_dir() else root / "cpu"
+            limits += [_v1_limit(folder) for folder in _up_from(base, path)]
+    limits = [limit for limit in limits if limit]
+    return min(limits) if limits else None
+
+
+def _up_from(base: Path, path: str) -> list[Path]:
+    """The cgroup folder of `path` under `base`, then each ancestor up to `base` itself."""
+    folder = base / path.strip("/")
+    chain = [folder]
+    while folder != base and base in folder.parents:
+        folder = folder.parent
+        chain.append(folder)
+    return chain
+
+
+def _v2_limit(folder: Path) -> float | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_limit(folder: Path) -> float | None:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None

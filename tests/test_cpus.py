@@ -38,3 +38,44 @@ def test_without_a_readable_topology_every_usable_cpu_counts(tmp_path, monkeypat
 
 def test_this_machine_gets_at_least_one_thread_and_no_more_than_its_cpus():
     assert 1 <= cpus.default_threads() <= cpus.usable_cpus()
+
+
+def fake_cgroups(tmp_path, proc_lines: str, files: dict[str, str]):
+    (tmp_path / "proc_cgroup").write_text(proc_lines)
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return tmp_path / "proc_cgroup", root
+
+
+@pytest.mark.parametrize("proc_lines, files, expected", [
+    # cgroup v2, as inside a container (its own cgroup is the root): docker --cpus 1.5
+    ("0::/\n", {"cpu.max": "150000 100000\n"}, 1.5),
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+    # v2 nested: the parent's limit is the tighter one
+    ("0::/kubepods/pod1\n", {"kubepods/cpu.max": "100000 100000\n", "kubepods/pod1/cpu.max": "400000 100000\n"}, 1.0),
+    # cgroup v1, controllers mounted together; -1 is no limit
+    ("4:cpu,cpuacct:/docker/abc\n", {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "200000\n",
+                                     "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"}, 2.0),
+    ("1:cpu:/x\n0::/\n", {"cpu/x/cpu.cfs_quota_us": "-1\n", "cpu/x/cpu.cfs_period_us": "100000\n"}, None),
+    ("1:cpu:/x\n", {"cpu/x/cpu.cfs_quota_us": "garbage\n", "cpu/x/cpu.cfs_period_us": "100000\n"}, None),
+    ("", {}, None),
+])
+def test_the_cgroup_cpu_limit_is_read_from_v1_and_v2(tmp_path, proc_lines, files, expected):
+    proc, root = fake_cgroups(tmp_path, proc_lines, files)
+    assert cpus.cpu_quota(proc, root) == expected
+
+
+@pytest.mark.parametrize("quota, expected", [(None, 2), (1.0, 1), (1.5, 2), (0.2, 1), (8.0, 2)])
+def test_the_default_thread_count_stays_within_the_cpu_limit(tmp_path, monkeypatch, quota, expected):
+    """A quota throttles the process once its threads together use it; under a one-CPU quota on two
+    cores two threads decoded slower than one (benchmarks/results/experiments.md)."""
+    sysfs = fake_sysfs(tmp_path, {0: "0", 1: "1"})
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(cpus, "cpu_quota", lambda: quota)
+    assert cpus.default_threads(sysfs) == expected
+
+
+def test_a_missing_proc_file_means_no_limit(tmp_path):
+    assert cpus.cpu_quota(tmp_path / "absent", tmp_path) is None
