@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="prompt text; the eos token is appended, as DialoGPT expects")
     # greedy with no processors by default: the ids transformers' generate(do_sample=False) gives
     _add_sampling_args(gen, SamplingConfig.greedy(), max_new_help="stop after this many new tokens (or sooner, where the model's positions run out)")
-    gen.add_argument("--threads", type=_threads, default=None, help="onnxruntime intra-op threads (default: one per physical core)")
+    gen.add_argument("--threads", type=_threads, default=None, help="onnxruntime intra-op threads (default: one per physical core, within any cgroup CPU limit)")
     gen.add_argument("--json", action="store_true", help="print one JSON object with ids, text and timings")
     gen.set_defaults(handler=_cmd_generate)
 
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"history budget; whole old turns are dropped beyond it (default: {DEFAULT_HISTORY_TOKENS}, "
                       "or less if the model's positions minus --max-new-tokens are fewer)")
     chat.add_argument("--raw", action="store_true", help="show replies as generated (no punctuation tidying)")
-    chat.add_argument("--threads", type=_threads, default=None, help="onnxruntime intra-op threads (default: one per physical core)")
+    chat.add_argument("--threads", type=_threads, default=None, help="onnxruntime intra-op threads (default: one per physical core, within any cgroup CPU limit)")
     chat.set_defaults(handler=_cmd_chat)
 
     exp = sub.add_parser(
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-tokens", type=_list_of(_int_at_least(1)), default="32", help="comma-separated context lengths, e.g. 64,256,512,900")
     bench.add_argument("--new-tokens", type=_int_at_least(1), default=64, help="tokens decoded per run (eos ignored)")
     bench.add_argument("--threads", type=_list_of(_threads), default=None,
-                       help="comma-separated thread counts (default: the runtime's, one per physical core)")
+                       help="comma-separated thread counts (default: the runtime's, one per physical core within any CPU limit)")
     bench.add_argument("--runs", type=_int_at_least(1), default=2, help="timed runs per pass")
     bench.add_argument("--warmup", type=_int_at_least(0), default=1, help="untimed runs first, per pass")
     bench.add_argument("--passes", type=_int_at_least(1), default=3, help="rotated passes over all backends")
