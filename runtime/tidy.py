@@ -9,6 +9,7 @@ import re
 _SPACE_BEFORE_PUNCT = re.compile(r"(?<=\S) +(?=[.,!?;:%)\]](?:\s|$|[.,!?]))")
 _SPACE_IN_CONTRACTION = re.compile(r"(?<=\w) +(?=(?:n't|'t|'s|'re|'ve|'ll|'d|'m)\b)", re.IGNORECASE)
 _SPACE_AFTER_OPEN = re.compile(r"(?<=[(\[]) +")
+_SAFE_CUT = re.compile(r"(?<= )(?=[^\W_nN])")  # see TidyStream._forget_emitted_start
 
 
 def tidy(text: str) -> str:
@@ -36,7 +37,24 @@ class TidyStream:
         stable = max(stable, self._emitted)
         out = text[self._emitted : stable]
         self._emitted = stable
+        self._forget_emitted_start()
         return out
+
+    def _forget_emitted_start(self) -> None:
+        """Drop raw text whose tidied form is emitted and final, so that each push re-tidies a few words,
+        not the whole reply (re-tidying all of it took 0.3 ms a token by token 1,000).
+
+        A cut just after a space and before a letter or digit other than n (which may begin "n't")
+        is one no rule looks across: that space run is followed by neither punctuation nor a
+        contraction, and every rule's look-behind after the cut stays after it. So tidy(raw) is
+        tidy(head) + tidy(tail) there.
+        """
+        for cut in reversed([m.start() for m in _SAFE_CUT.finditer(self._raw)]):
+            head = len(tidy(self._raw[:cut]))
+            if head <= self._emitted:
+                self._raw = self._raw[cut:]
+                self._emitted -= head
+                return
 
     def flush(self) -> str:
         if not self.enabled:

@@ -175,6 +175,44 @@ def test_tidy(raw, tidied):
     assert "".join(chunks) == tidied
 
 
+class RetidyingStream:
+    """TidyStream as it was before it forgot emitted text: the whole reply re-tidied on every push."""
+
+    def __init__(self):
+        self.raw, self.emitted = "", 0
+
+    def push(self, chunk: str) -> str:
+        self.raw += chunk
+        text = tidy(self.raw)
+        stable = max(len(text.rstrip(" .,!?;:%)]'")), self.emitted)
+        out, self.emitted = text[self.emitted : stable], stable
+        return out
+
+    def flush(self) -> str:
+        text = tidy(self.raw)
+        out, self.emitted = text[self.emitted :], len(text)
+        return out
+
+
+def test_tidy_stream_emits_what_retidying_the_whole_reply_emits():
+    """Property: forgetting emitted text changes no chunk, however the text arrives (tokens of words,
+    punctuation, contractions, brackets, runs of spaces, other scripts, split anywhere)."""
+    import random
+
+    rng = random.Random(0)
+    pieces = ["I", "it", "don", "n't", "'t", "'s", "'re", "'ll", "'m", "not", "now", "No", ".", ",", "!", "?", "...",
+              "%", ")", "(", "[", "]", ":)", "3.5", "U.S.", "ok", "Ça", "今日は", "🙂", "a", "b", "_x", "'", '"']
+    for _ in range(400):
+        text = "".join(rng.choice(["", " ", " ", "  "]) + rng.choice(pieces) for _ in range(rng.randint(0, 80)))
+        stream, reference, i = TidyStream(), RetidyingStream(), 0
+        while i < len(text):
+            j = i + rng.randint(1, 4)
+            assert stream.push(text[i:j]) == reference.push(text[i:j]), text
+            i = j
+        assert stream.flush() == reference.flush(), text
+        assert len(stream._raw) <= len(text)
+
+
 def test_without_cache_reuse_every_turn_prefills_the_whole_history(parts):
     session, tokenizer, _ = parts
     cached = Chat(session, tokenizer, GREEDY)
