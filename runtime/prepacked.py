@@ -128,7 +128,8 @@ def build(spec: ModelSpec, options: ort.SessionOptions, verified: Future | None 
         files = {p.name: p.stat().st_size for p in staging.iterdir()}
         if set(files) != {MODEL_FILE, DATA_FILE}:
             raise OSError(f"onnxruntime wrote {sorted(files)}, expected {MODEL_FILE} and {DATA_FILE}")
-        stamp = {"files": files, "source": str(spec.path), "onnxruntime": ort.__version__, "layout": LAYOUT_VERSION}
+        stamp = {"files": files, "source": str(spec.path), "onnxruntime": ort.__version__, "layout": LAYOUT_VERSION,
+                 "cpu": cpu_fingerprint()}
         (staging / STAMP_FILE).write_text(json.dumps(stamp, indent=1))
         entry = root / key
         try:
@@ -141,7 +142,28 @@ def build(spec: ModelSpec, options: ort.SessionOptions, verified: Future | None 
                 entry.rename(stale / key)
                 staging.rename(entry)
                 shutil.rmtree(stale, ignore_errors=True)
+        _drop_superseded(root, key, stamp)
         return entry / MODEL_FILE
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _drop_superseded(root: Path, key: str, stamp: dict) -> None:
+    """Delete the copies of an earlier state of the same folder, for the same onnxruntime and CPU.
+
+    A re-exported folder gets a new key (its checksums changed), and the old copy, twice the folder's
+    size, could never be used again. Copies for other onnxruntime versions or CPUs stay: another
+    environment, or another machine sharing this cache, may still run them. A process mapping a deleted copy keeps its pages (the files are only unlinked).
+    """
+    for other in root.iterdir():
+        if other.name == key or other.name.startswith("."):
+            continue
+        try:
+            theirs = json.loads((other / STAMP_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        same = ("source", "onnxruntime", "layout", "cpu")
+        if isinstance(theirs, dict) and all(theirs.get(k) == stamp[k] for k in same):
+            log.info("removing %s, the prepacked copy of an earlier export of %s", other, stamp["source"])
+            shutil.rmtree(other, ignore_errors=True)

@@ -79,6 +79,29 @@ def test_the_copy_is_keyed_by_cpu_and_onnxruntime(tiny_int8, cache_dir, monkeypa
     assert prepacked.cached_graph(spec) is None
 
 
+def test_a_reexported_folder_replaces_its_old_copy_and_leaves_other_versions(tiny_int8, tmp_path, cache_dir, monkeypatch):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_int8, folder)
+    first = open_model(folder).graph.parent
+    monkeypatch.setattr(prepacked.ort, "__version__", "0.0.1")  # another environment's copy of the same folder
+    other = open_model(folder).graph.parent
+    monkeypatch.undo()
+    monkeypatch.setenv("DIALOGPT_EDGE_CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv("DIALOGPT_EDGE_PREPACK", "1")
+    # re-exported in place: same path, a data file with other bytes (trailing ones, so the graph still
+    # loads) and a manifest that says so, hence a new key
+    from dialogpt_edge.runtime.manifest import describe_files
+
+    with open(folder / prepacked.DATA_FILE, "ab") as f:
+        f.write(bytes(4096))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = describe_files(folder)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    second = open_model(folder).graph.parent
+    assert second != first and not first.exists()
+    assert other.exists() and entries(cache_dir) == sorted([second.name, other.name])
+
+
 def test_a_truncated_copy_is_rebuilt(tiny_int8, cache_dir):
     reference = run(Session(load(tiny_int8)))
     graph = open_model(tiny_int8).graph
