@@ -4,7 +4,7 @@ from .chat import Chat
 from .errors import ContextLengthError, ModelFolderError, UserError
 from .generate import generate
 from .kv_cache import KVCache
-from .manifest import ModelSpec, load
+from .manifest import ModelSpec, load, shipped_model_dir
 from .sampling import SamplingConfig, SamplingConfigError, sample
 from .session import Session, open_model, open_with_tokenizer
 from .tokenizer import TextStream, Tokenizer
@@ -28,4 +28,5 @@ __all__ = [
     "open_model",
     "open_with_tokenizer",
     "sample",
+    "shipped_model_dir",
 ]

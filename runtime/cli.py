@@ -18,23 +18,10 @@ import traceback
 from .chat import DEFAULT_HISTORY_TOKENS
 from .cpus import usable_cpus
 from .errors import UserError
+from .manifest import SHIPPED_MODEL, shipped_model_dir
 from .sampling import SamplingConfig, SamplingConfigError
 
 MODEL_ENV = "DIALOGPT_EDGE_MODEL"
-
-
-SHIPPED_MODEL = "chitchat-small"
-
-
-def shipped_model_dir() -> str | None:
-    """The model that ships with the package (models/chitchat-small), if this install has it."""
-    from importlib import resources
-
-    try:
-        folder = resources.files("dialogpt_edge.models") / SHIPPED_MODEL
-    except ModuleNotFoundError:
-        return None
-    return str(folder) if folder.joinpath("manifest.json").is_file() else None
 
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:

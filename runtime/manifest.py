@@ -24,6 +24,20 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "eos_token_id")
 
 
+SHIPPED_MODEL = "chitchat-small"
+
+
+def shipped_model_dir() -> str | None:
+    """The model folder that ships with the package (models/chitchat-small), if this install has it."""
+    from importlib import resources
+
+    try:
+        folder = resources.files("dialogpt_edge.models") / SHIPPED_MODEL
+    except ModuleNotFoundError:
+        return None
+    return str(folder) if folder.joinpath(MANIFEST_NAME).is_file() else None
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What the runtime needs to know about a validated model folder."""

@@ -16,7 +16,7 @@ from transformers import GPT2LMHeadModel
 from conftest import EOS, export_quietly, gpt2_tokenizer, run_env, torch_greedy
 from dialogpt_edge.export import dialogs, fidelity
 from dialogpt_edge.runtime import Session, Tokenizer, generate, load
-from dialogpt_edge.runtime.cli import shipped_model_dir
+from dialogpt_edge.runtime import shipped_model_dir
 
 MODELS = Path(__file__).parents[1] / "models"
 SHIPPED = MODELS / "chitchat-small"
