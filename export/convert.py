@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dialogpt_edge.runtime.errors import UserError, first_line
-from dialogpt_edge.runtime.manifest import HUB_ID, MANIFEST_NAME
+from dialogpt_edge.runtime.manifest import HUB_ID, MANIFEST_NAME, load
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,10 @@ def locate(src: str) -> tuple[str, bool]:
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{src} is a file; SRC must be a checkpoint folder or a hub id such as microsoft/DialoGPT-small")
-        if not (path / "config.json").is_file() and (path / MANIFEST_NAME).is_file():
-            raise UserError(f"{src} is a dialogpt-edge model folder, already exported; "
-                            f"give the checkpoint it came from instead{_exported_from(path)}")
         if not (path / "config.json").is_file():
+            if (path / MANIFEST_NAME).is_file():
+                raise UserError(f"{src} is a dialogpt-edge model folder, already exported; "
+                                f"give the checkpoint it came from instead{_exported_from(path)}")
             raise UserError(f"{src} has no config.json, so it is not a Hugging Face checkpoint folder (point SRC at the folder save_pretrained wrote)")
         return str(path), True
     if HUB_ID.fullmatch(src):  # anything else that is not a local folder is a typo
@@ -62,11 +62,9 @@ def locate(src: str) -> tuple[str, bool]:
 
 def _exported_from(folder: Path) -> str:
     """' (its manifest names <source>)', or '' when the manifest does not say."""
-    import json
-
     try:
-        source = json.loads((folder / MANIFEST_NAME).read_text())["source"]["ref"]
-    except (OSError, ValueError, KeyError, TypeError):
+        source = load(folder, verify_checksums=False).manifest["source"]["ref"]
+    except (UserError, KeyError, TypeError):
         return ""
     return f" (its manifest names {source})" if isinstance(source, str) and source else ""
 

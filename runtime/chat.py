@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, is_int_in
 from .generate import generate
-from .sampling import SamplingConfig, SamplingConfigError
+from .sampling import SamplingConfig, SamplingConfigError, config_or
 from .session import Session
 from .tokenizer import Tokenizer
 
@@ -57,9 +57,7 @@ class Chat:
     ):
         self.session = session
         self.tokenizer = tokenizer
-        if config is not None and not isinstance(config, SamplingConfig):
-            raise TypeError(f"config must be a SamplingConfig (SamplingConfig(**settings)), not {type(config).__name__}")
-        self.config = config or SamplingConfig()
+        self.config = config_or(config, SamplingConfig)
         n_positions = session.spec.n_positions
         if self.config.max_new_tokens < 1:  # every reply would be empty
             raise SamplingConfigError(
@@ -73,7 +71,7 @@ class Chat:
             )
         if history_tokens is None:  # the default adapts to models with fewer positions
             history_tokens = max(1, min(DEFAULT_HISTORY_TOKENS, limit))
-        if isinstance(history_tokens, bool) or not isinstance(history_tokens, int) or not 1 <= history_tokens <= limit:
+        if not is_int_in(history_tokens, 1, limit):
             raise SamplingConfigError(
                 "history_tokens",
                 f"history_tokens must be an integer between 1 and {limit} (the model's {n_positions} positions minus "

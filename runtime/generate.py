@@ -6,8 +6,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from .errors import is_int_in
 from .kv_cache import KVCache
-from .sampling import SamplingConfig, sample
+from .sampling import SamplingConfig, config_or, sample
 from .session import Session
 
 
@@ -34,10 +35,10 @@ def generate(
     """
     if isinstance(prompt_ids, (str, bytes)):
         raise TypeError("prompt_ids are token ids: encode text first (tokenizer.encode_turn(text))")
-    config = _checked_config(config)
+    config = config_or(config, SamplingConfig.greedy)
     max_new = config.max_new_tokens if max_new_tokens is None else max_new_tokens
     min_new = config.min_new_tokens if min_new_tokens is None else min_new_tokens
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (max_new, min_new)):
+    if not (is_int_in(max_new, 0) and is_int_in(min_new, 0)):
         raise ValueError(f"max_new_tokens and min_new_tokens must be integers >= 0, got {max_new!r} and {min_new!r}")
     if max_new == 0:
         return
@@ -64,14 +65,6 @@ def generate(
         seen.append(token)
         if n + 1 < max_new:
             logits = session.decode_step(token, cache)
-
-
-def _checked_config(config: SamplingConfig | None) -> SamplingConfig:
-    if config is None:
-        return SamplingConfig.greedy()
-    if not isinstance(config, SamplingConfig):
-        raise TypeError(f"config must be a SamplingConfig (SamplingConfig(**settings)), not {type(config).__name__}")
-    return config
 
 
 def reply_room(session: Session, cache: KVCache) -> int:

@@ -154,7 +154,8 @@ def _drop_superseded(root: Path, key: str, stamp: dict) -> None:
 
     A re-exported folder gets a new key (its checksums changed), and the old copy, twice the folder's
     size, could never be used again. Copies for other onnxruntime versions or CPUs stay: another
-    environment, or another machine sharing this cache, may still run them. A process mapping a deleted copy keeps its pages (the files are only unlinked).
+    environment, or another machine sharing this cache, may still run them. A process mapping a
+    deleted copy keeps its pages (the files are only unlinked).
     """
     for other in root.iterdir():
         if other.name == key or other.name.startswith("."):

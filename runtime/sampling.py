@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, is_int_in
 
 
 class SamplingConfigError(UserError):
@@ -57,7 +57,7 @@ class SamplingConfig:
             bad("min_new_tokens", "an integer >= 0")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             bad("max_new_tokens", "an integer >= 0")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+        if self.seed is not None and not is_int_in(self.seed, 0):
             bad("seed", "an integer >= 0")  # numpy's generators take no negative seed
 
     @classmethod
@@ -72,6 +72,15 @@ class SamplingConfig:
 
     def replace(self, **changes) -> "SamplingConfig":
         return dataclasses.replace(self, **changes)  # re-validates
+
+
+def config_or(config: SamplingConfig | None, default) -> SamplingConfig:
+    """`config`, or `default()` for None; anything else is a TypeError (a dict of settings, say)."""
+    if config is None:
+        return default()
+    if not isinstance(config, SamplingConfig):
+        raise TypeError(f"config must be a SamplingConfig (SamplingConfig(**settings)), not {type(config).__name__}")
+    return config
 
 
 def apply_repetition_penalty(logits: np.ndarray, token_ids: Sequence[int], penalty: float) -> np.ndarray:

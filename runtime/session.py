@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .cpus import default_threads
-from .errors import ContextLengthError, ModelFolderError, UserError, first_line
+from .errors import ContextLengthError, ModelFolderError, UserError, first_line, is_int_in
 from .kv_cache import KVCache
 from . import prepacked
 from .manifest import ModelSpec, load, verify_checksums
@@ -60,7 +60,7 @@ def _thread_count(threads: int | None) -> int:
     """`threads` checked, or the default (one per physical core) for None."""
     if threads is None:
         return default_threads()
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+    if not is_int_in(threads, 1):
         raise ValueError(f"threads must be an integer >= 1, or None for one per physical core; got {threads!r}")
     return threads
 
@@ -128,7 +128,7 @@ class Session:
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """A cache for up to `capacity` positions (default: all the model has); memory is committed as it fills."""
         capacity = self.spec.n_positions if capacity is None else capacity
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= self.spec.n_positions:
+        if not is_int_in(capacity, 1, self.spec.n_positions):
             # more would reserve memory no position can use
             raise ValueError(f"capacity must be an integer from 1 to the model's {self.spec.n_positions} positions, got {capacity!r}")
         return KVCache(self.spec.n_layer, self.spec.n_head, self.spec.head_dim, capacity, self.cache_dtype)
