@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dialogpt_edge.runtime.errors import UserError
 from dialogpt_edge.runtime.manifest import (
-    FORMAT_VERSION, MANIFEST_NAME, MODEL_FILE, TOKENIZER_FILE, ModelSpec, installed_versions, write_manifest,
+    FORMAT_VERSION, MANIFEST_NAME, MODEL_FILE, TOKENIZER_FILE, ModelSpec, installed_versions, token_table, write_manifest,
 )
 from dialogpt_edge.runtime.session import Session
 from dialogpt_edge.runtime.tokenizer import Tokenizer
@@ -184,7 +184,9 @@ def export_model(
         shutil.rmtree(work)
 
         progress.step("writing manifest.json")
-        write_manifest(staging, _manifest(spec, src, parity, fused, report, fid, verify_fidelity, kv_cache, calibration, time.perf_counter() - started))
+        table = builder.token_table_section(staging / MODEL_FILE)
+        write_manifest(staging, _manifest(spec, table, src, parity, fused, report, fid, verify_fidelity, kv_cache, calibration,
+                                          time.perf_counter() - started))
         progress.step(f"moving into {output}")
         _install(staging, output)
         progress.done()
@@ -241,11 +243,18 @@ def _spec_for(folder: Path, config, tokenizer) -> ModelSpec:
         input_names=tuple(i.name for i in graph.input),
         output_names=tuple(o.name for o in graph.output),
         precision="fp32",
+        token_table=token_table(builder.token_table_section(folder / MODEL_FILE), config.vocab_size, config.n_embd,
+                                _file_sizes(folder)),
         manifest={},
     )
 
 
-def _manifest(spec, src, parity, fused, report, fid, verify_fidelity: bool, kv_cache: str, kv_calibration: dict | None,
+def _file_sizes(folder: Path) -> dict:
+    """What token_table() checks offsets against, for a folder that has no manifest yet."""
+    return {p.name: {"bytes": p.stat().st_size} for p in folder.iterdir() if p.is_file()}
+
+
+def _manifest(spec, token_embedding: dict, src, parity, fused, report, fid, verify_fidelity: bool, kv_cache: str, kv_calibration: dict | None,
               seconds: float) -> dict:
     derived = report is not None or kv_cache != "fp32"
     weights = report.scheme if report else "fp32"
@@ -264,6 +273,7 @@ def _manifest(spec, src, parity, fused, report, fid, verify_fidelity: bool, kv_c
             "eos_token_id": spec.eos_token_id,
         },
         "io": {"inputs": list(spec.input_names), "outputs": list(spec.output_names)},
+        "token_embedding": token_embedding,
         "precision": {
             "weights": weights,
             "activations": "fp32" if not report else ("int8 dynamic (one scale per run)" if weights == "int8" else "int8 (accuracy_level 4)" if report.accuracy_level == 4 else "fp32"),

@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 
 from dialogpt_edge.runtime.errors import UserError
 
-from .builder import MS_DOMAIN, row_view, view_base
+from .builder import MS_DOMAIN, row_view, set_token_table, token_table, view_base
 
 QUANTIZED_OPS = ("DynamicQuantizeMatMul", "MatMulNBits")
 
@@ -78,7 +78,10 @@ class _Graph:
         return name
 
     def drop_unused_initializers(self) -> None:
+        """Keeps the token table too: no node reads it, the runtime does (builder.TOKEN_TABLE)."""
+        table = token_table(self.model)
         used = {i for n in self.graph.node for i in n.input} | {o.name for o in self.graph.output}
+        used |= {table["rows"], table["scales"]}
         keep = [i for i in self.graph.initializer if i.name in used]
         del self.graph.initializer[:]
         self.graph.initializer.extend(keep)
@@ -124,21 +127,18 @@ def gemm_to_matmul(g: _Graph) -> int:
 class _Tied:
     lm_head: onnx.NodeProto  # MatMul(hidden, Transpose(E))
     transpose: onnx.NodeProto
-    gather: onnx.NodeProto  # Gather(E, input_ids)
-    embedding: str  # E: (vocab, n_embd)
+    embedding: str  # E: (vocab, n_embd), the token table the runtime reads rows of
 
 
 def _find_tied(g: _Graph) -> _Tied | None:
-    """GPT-2's lm_head reads the token embedding through a Transpose: find both ends."""
+    """GPT-2's tied lm_head reads the token table (builder.TOKEN_TABLE) through a Transpose."""
+    table = token_table(g.model)["rows"]
     for node in g.graph.node:
         if node.op_type != "MatMul":
             continue
         t = g.producer.get(node.input[1])
-        if t is None or t.op_type != "Transpose" or t.input[0] not in g.inits:
-            continue
-        gathers = [c for c in g.consumers.get(t.input[0], []) if c.op_type == "Gather" and c.input[0] == t.input[0]]
-        if len(gathers) == 1 and len(g.consumers[t.input[0]]) == 2:
-            return _Tied(lm_head=node, transpose=t, gather=gathers[0], embedding=t.input[0])
+        if t is not None and t.op_type == "Transpose" and t.input[0] == table and len(g.consumers[table]) == 1:
+            return _Tied(lm_head=node, transpose=t, embedding=table)
     return None
 
 
@@ -257,17 +257,17 @@ def _matmul_nbits(inputs: list[str], out: str, name: str, k: int, n: int, bits: 
 
 # The tied lm_head runs as this many MatMulNBits over consecutive vocab rows. Each reads its own
 # view of the embedding's bytes, which onnxruntime releases once it has repacked it, so loading
-# never holds the whole file copy and the whole packed copy at once; the embedding's own mapping
-# is left with the rows tokens have looked up. DialoGPT-small int8: peak RSS 227 -> 201 MiB
+# never holds the whole file copy and the whole packed copy at once (the runtime reads token rows
+# with pread, so nothing keeps the table mapped). DialoGPT-small int8: peak RSS 227 -> 201 MiB
 # (8 parts: 201), decode time unchanged (benchmarks/results/experiments.md).
 LM_HEAD_PARTS = 4
 
 
 def _tied_blocks(g: _Graph, tied: _Tied, bits: int, block_size: int, accuracy_level: int) -> None:
-    """Quantize E (vocab, n_embd) once in MatMulNBits' row-major blocks: the lm_head's B and the embedding table.
+    """Quantize E (vocab, n_embd) once in MatMulNBits' row-major blocks: the lm_head's B and the token table.
 
-    The embedding looks rows up with GatherBlockQuantized; the lm_head multiplies by
-    LM_HEAD_PARTS row views of the same bytes and concatenates the logits.
+    The runtime reads token rows from these bytes (builder.TOKEN_TABLE); the lm_head multiplies
+    by LM_HEAD_PARTS row views of them and concatenates the logits.
     """
     e = g.array(tied.embedding)  # (vocab, n_embd): already MatMulNBits' transposed layout
     vocab, n_embd = e.shape
@@ -283,23 +283,7 @@ def _tied_blocks(g: _Graph, tied: _Tied, bits: int, block_size: int, accuracy_le
     parts.append(helper.make_node("Concat", [p.output[0] for p in parts], [logits], axis=-1, name="lm_head_concat"))
     g.replace(tied.lm_head, parts)
 
-    k_blocks = -(-n_embd // block_size)
-    ids, out, stem = tied.gather.input[1], tied.gather.output[0], tied.gather.name or "embedding"
-    rows = stem + "_rows" if k_blocks * block_size != n_embd else out
-    nodes = [
-        # GatherBlockQuantized wants scales of data's rank
-        helper.make_node("Reshape", [sname, g.add_init(np.array([vocab, k_blocks, 1], np.int64), stem + "_sshape")],
-                         [stem + "_s3"], name=stem + "_ScaleShape"),
-        helper.make_node("GatherBlockQuantized", [bname, ids, stem + "_s3"], [stem + "_blocks"], name=f"{stem}_GatherInt{bits}",
-                         domain=MS_DOMAIN, gather_axis=0, quantize_axis=2, block_size=block_size, bits=bits),
-        helper.make_node("Reshape", [stem + "_blocks", g.add_init(np.array([0, 0, k_blocks * block_size], np.int64), stem + "_eshape")],
-                         [rows], name=stem + "_Rows"),
-    ]
-    if rows != out:  # drop the zero padding of the last block
-        nodes.append(helper.make_node(
-            "Slice", [rows, g.add_init(np.array([0], np.int64), stem + "_start"), g.add_init(np.array([n_embd], np.int64), stem + "_end"),
-                      g.add_init(np.array([2], np.int64), stem + "_axis")], [out], name=stem + "_Unpad"))
-    g.replace(tied.gather, nodes)
+    set_token_table(g.model, rows=bname, scales=sname, bits=bits, block_size=block_size)
     g.replace(tied.transpose, [])
 
 

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelFolderError
+from .errors import ModelFolderError, is_int_in
 
-FORMAT_VERSION = 2  # 2: graph built by export/builder.py (GroupQueryAttention, in-place cache)
+# 2: graph built by export/builder.py (GroupQueryAttention, in-place cache)
+# 3: the token embedding is read by the runtime from the data file ("token_embedding"), not by the graph
+FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 MODEL_FILE = "model.onnx"
 DATA_FILE = MODEL_FILE + ".data"  # the weights, memory-mapped by onnxruntime
@@ -39,6 +41,29 @@ def shipped_model_dir() -> str | None:
 
 
 @dataclass(frozen=True)
+class TokenTable:
+    """Where the token embedding's rows are in the folder's data file (the manifest's "token_embedding").
+
+    bits 32: float32 rows of n_embd values. bits 8 / 4: MatMulNBits' layout, the same bytes the
+    lm_head reads: per row, ceil(n_embd / block_size) blocks of block_size unsigned values (4-bit ones
+    two to a byte, low nibble first) with zero point 2**(bits - 1), and one float32 scale per block;
+    the last block's padding is dropped.
+    """
+
+    file: str
+    bits: int
+    rows_offset: int
+    block_size: int | None = None
+    scales_offset: int | None = None
+
+    def blocks(self, n_embd: int) -> int:
+        return -(-n_embd // self.block_size) if self.block_size else 0
+
+    def row_bytes(self, n_embd: int) -> int:
+        return n_embd * 4 if self.bits == 32 else self.blocks(n_embd) * self.block_size * self.bits // 8
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """What the runtime needs to know about a validated model folder."""
 
@@ -52,6 +77,7 @@ class ModelSpec:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     precision: str
+    token_table: TokenTable
     manifest: dict[str, Any] = field(repr=False, compare=False)
 
     @property
@@ -152,6 +178,10 @@ def load(folder: str | os.PathLike, *, verify_checksums: bool = True) -> ModelSp
             f"{manifest_path}: 'files' must list {MODEL_FILE} and {TOKENIZER_FILE} (re-export the model)"
         )
     _check_files(folder, files, verify_checksums)
+    try:
+        table = token_table(manifest.get("token_embedding"), arch["vocab_size"], arch["n_embd"], files)
+    except ValueError as e:
+        raise ModelFolderError(f"{manifest_path}: 'token_embedding' {e} (re-export the model)") from None
 
     return ModelSpec(
         path=folder,
@@ -164,8 +194,42 @@ def load(folder: str | os.PathLike, *, verify_checksums: bool = True) -> ModelSp
         input_names=tuple(io["inputs"]),
         output_names=tuple(io["outputs"]),
         precision=str((manifest.get("precision") or {}).get("weights", "unknown")),
+        token_table=table,
         manifest=manifest,
     )
+
+
+def token_table(section: Any, vocab_size: int, n_embd: int, files: dict[str, Any]) -> TokenTable:
+    """The manifest's "token_embedding" checked against the model's shape and its files' sizes (ValueError if not)."""
+    if not isinstance(section, dict):
+        raise ValueError("is missing")
+    bits, rows, scales = section.get("bits"), section.get("rows"), section.get("scales")
+    if bits not in (32, 8, 4):
+        raise ValueError(f"has bits {bits!r}; this runtime reads 32, 8 or 4")
+
+    def span(part: Any, what: str) -> int:
+        if not isinstance(part, dict) or not all(is_int_in(part.get(k), 0) for k in ("offset", "bytes")):
+            raise ValueError(f"needs an integer offset and bytes for its {what}")
+        return part["offset"]
+
+    table = TokenTable(file=str(section.get("file")), bits=bits, rows_offset=span(rows, "rows"))
+    if bits != 32:
+        block_size = section.get("block_size")
+        if not is_int_in(block_size, 1) or block_size * bits % 8:
+            raise ValueError(f"has block_size {block_size!r}; a {bits}-bit table needs whole bytes per block")
+        table = TokenTable(table.file, bits, table.rows_offset, block_size, span(scales, "scales"))
+    expected = {"rows": vocab_size * table.row_bytes(n_embd)}
+    if bits != 32:
+        expected["scales"] = vocab_size * table.blocks(n_embd) * 4
+    size = (files.get(table.file) or {}).get("bytes")
+    if not isinstance(size, int):
+        raise ValueError(f"names {table.file!r}, which is not one of the folder's files")
+    for what, nbytes in expected.items():
+        part = section[what]
+        if part["bytes"] != nbytes or part["offset"] + nbytes > size:
+            raise ValueError(f"{what} do not fit the model ({nbytes} bytes expected at offset {part['offset']} of {table.file}, "
+                             f"which has {size}; the manifest says {part['bytes']})")
+    return table
 
 
 _FIX = "re-export the model, or restore the folder from where you got it"

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .cpus import default_threads
+from .embedding import TokenEmbedding
 from .errors import ContextLengthError, ModelFolderError, UserError, first_line, is_int_in
 from .kv_cache import KVCache
 from . import prepacked
@@ -28,9 +29,9 @@ _SCALARS = ("seqlens_k", "total_sequence_length", "logits_to_keep")
 class _Binding:
     """One IOBinding per cache: its buffers are bound once; a decode step only rewrites small arrays."""
 
-    def __init__(self, session: ort.InferenceSession, cache: KVCache, vocab: int):
+    def __init__(self, session: ort.InferenceSession, cache: KVCache, vocab: int, n_embd: int):
         self.io = session.io_binding()
-        self.ids = np.zeros((1, 1), np.int64)
+        self.embeds = np.zeros((1, 1, n_embd), np.float32)
         self.positions = np.zeros((1, 1), np.int64)
         self.seqlens_k = np.zeros((1,), np.int32)
         self.total = np.zeros((), np.int32)
@@ -42,14 +43,14 @@ class _Binding:
             for kind, array in (("key", k), ("value", v)):
                 _bind(self.io.bind_input, f"past_key_values.{i}.{kind}", array)
                 _bind(self.io.bind_output, f"present.{i}.{kind}", array)
-        self.step_shape = False  # are input_ids / position_ids / logits bound to the one-token arrays above?
+        self.step_shape = False  # are inputs_embeds / position_ids / logits bound to the one-token arrays above?
 
-    def bind_tokens(self, ids: np.ndarray, positions: np.ndarray, logits: np.ndarray) -> None:
-        """Bind this run's ids, their positions and the logits buffer (by pointer: keep them alive until it runs)."""
-        _bind(self.io.bind_input, "input_ids", ids)
+    def bind_tokens(self, embeds: np.ndarray, positions: np.ndarray, logits: np.ndarray) -> None:
+        """Bind this run's token rows, their positions and the logits buffer (by pointer: keep them alive until it runs)."""
+        _bind(self.io.bind_input, "inputs_embeds", embeds)
         _bind(self.io.bind_input, "position_ids", positions)
         _bind(self.io.bind_output, "logits", logits)
-        self.step_shape = ids is self.ids
+        self.step_shape = embeds is self.embeds
 
 
 def _bind(bind, name: str, array: np.ndarray) -> None:
@@ -109,7 +110,7 @@ class Session:
             raise ModelFolderError(f"onnxruntime cannot load {self.graph}: {first_line(e)} (re-export the model)") from e
 
         inputs = {i.name: i for i in self._session.get_inputs()}
-        expected = ["input_ids", "position_ids", *_SCALARS, "past_key_values.0.key"]
+        expected = ["inputs_embeds", "position_ids", *_SCALARS, "past_key_values.0.key"]
         missing = [n for n in [*spec.input_names, *expected] if n not in inputs]
         if missing:
             raise ModelFolderError(
@@ -123,6 +124,7 @@ class Session:
             )
         self.cache_dtype = _ORT_TO_NUMPY[cache_type]
         self.prefill_chunk = prefill_chunk_for(self.cache_dtype)
+        self._embedding = TokenEmbedding(spec.path, spec.token_table, spec.n_embd)
         self._bindings: weakref.WeakKeyDictionary[KVCache, _Binding] = weakref.WeakKeyDictionary()
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
@@ -153,7 +155,7 @@ class Session:
         return self._forward(np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1), cache, all_logits)
 
     def _bad_ids(self) -> ValueError:
-        # onnxruntime's embedding lookup does not check its indices: an id out of range reads past the table
+        # an id out of range would read another row of the data file
         return ValueError(f"token ids must be integers in [0, {self.spec.vocab_size}) for this model")
 
     def _forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
@@ -185,14 +187,15 @@ class Session:
         binding.keep[()] = n_new if all_logits else 1
         if n_new == 1 and not all_logits:
             if not binding.step_shape:
-                binding.bind_tokens(binding.ids, binding.positions, binding.logits)
-            binding.ids[0, 0] = ids[0, 0]
+                binding.bind_tokens(binding.embeds, binding.positions, binding.logits)
+            self._embedding.rows(ids[0], binding.embeds[0])
             binding.positions[0, 0] = past
             logits = binding.logits
         else:
+            embeds = self._embedding.rows(ids[0])[None]
             positions = np.arange(past, total, dtype=np.int64).reshape(1, -1)
             logits = np.empty((1, n_new, self.spec.vocab_size), np.float32) if all_logits else binding.logits
-            binding.bind_tokens(ids, positions, logits)
+            binding.bind_tokens(embeds, positions, logits)
         self._session.run_with_iobinding(binding.io)
         cache.advance(n_new)
         # the step buffer is rewritten by the next run, so callers get their own copy
@@ -216,7 +219,7 @@ class Session:
                 self.spec.n_layer, self.spec.n_head, self.spec.head_dim, np.dtype(self.cache_dtype)
             ):
                 raise ValueError("this cache was made for another model (use session.new_cache())")
-            binding = self._bindings[cache] = _Binding(self._session, cache, self.spec.vocab_size)
+            binding = self._bindings[cache] = _Binding(self._session, cache, self.spec.vocab_size, self.spec.n_embd)
         return binding
 
 

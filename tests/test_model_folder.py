@@ -84,6 +84,49 @@ def test_unknown_format_version(model_copy):
     assert "format_version 99" in refusal(model_copy)
 
 
+def test_a_folder_from_before_the_token_table_moved_out_of_the_graph_is_told_to_re_export(model_copy):
+    path = model_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["format_version"] = 2  # its graph took input_ids and read the embedding itself
+    path.write_text(json.dumps(manifest))
+    message = refusal(model_copy)
+    assert "format_version 2, this runtime reads 3" in message and "re-export the model" in message
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda m: m.pop("token_embedding"), "'token_embedding' is missing"),
+    (lambda m: m["token_embedding"].update(bits=16), "has bits 16; this runtime reads 32, 8 or 4"),
+    (lambda m: m["token_embedding"]["rows"].update(offset=m["files"]["model.onnx.data"]["bytes"] - 4096), "rows do not fit the model"),
+    (lambda m: m["token_embedding"]["rows"].update(bytes=m["token_embedding"]["rows"]["bytes"] // 2), "rows do not fit the model"),
+    (lambda m: m["token_embedding"]["rows"].pop("offset"), "needs an integer offset and bytes for its rows"),
+    (lambda m: m["token_embedding"].update(file="weights.bin"), "names 'weights.bin', which is not one of the folder's files"),
+])
+def test_a_token_table_that_does_not_fit_the_model_is_named(model_copy, change, named):
+    path = model_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+    message = refusal(model_copy)
+    assert named in message and "re-export the model" in message
+
+
+@pytest.mark.parametrize("fixture", ["tiny_int8", "tiny_int4"])
+def test_a_quantized_token_tables_block_size_and_scales_are_checked(request, tmp_path, fixture):
+    import shutil
+
+    folder = shutil.copytree(request.getfixturevalue(fixture), tmp_path / "m")
+    path = folder / "manifest.json"
+    good = json.loads(path.read_text())
+    for change, named in [(dict(block_size=0), "has block_size 0"), (dict(block_size="64"), "has block_size '64'"),
+                          (dict(scales=None), "needs an integer offset and bytes for its scales"),
+                          (dict(block_size=good["token_embedding"]["block_size"] * 2), "rows do not fit the model")]:
+        manifest = json.loads(json.dumps(good))
+        manifest["token_embedding"].update(change)
+        path.write_text(json.dumps(manifest))
+        message = refusal(folder)
+        assert named in message, (change, message)
+
+
 def test_manifest_without_architecture(model_copy):
     path = model_copy / "manifest.json"
     manifest = json.loads(path.read_text())

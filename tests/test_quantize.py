@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from conftest import TINY, export_quietly
-from dialogpt_edge.export import pipeline, quantize
+from dialogpt_edge.export import builder, pipeline, quantize
 from dialogpt_edge.runtime import Session, generate, load, open_model
 
 N_LAYER = TINY["n_layer"]
@@ -26,9 +26,10 @@ def model_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("model.onnx*"))
 
 
-def float_matrices(graph: onnx.GraphProto) -> list[tuple[str, list[int]]]:
-    scales = {n.input[2] for n in graph.node if n.op_type in ("MatMulNBits", "DynamicQuantizeMatMul", "GatherBlockQuantized")}
-    scales |= {n.input[0] for n in graph.node if n.op_type == "Reshape" and n.output[0] in scales}  # the embedding's, reshaped
+def float_matrices(model: onnx.ModelProto) -> list[tuple[str, list[int]]]:
+    graph = model.graph
+    scales = {n.input[2] for n in graph.node if n.op_type in ("MatMulNBits", "DynamicQuantizeMatMul")}
+    scales.add(builder.token_table(model)["scales"])  # the token table's, which its lm_head parts are views of
     return [(i.name, list(i.dims)) for i in graph.initializer
             if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and i.name not in scales]
 
@@ -58,7 +59,7 @@ def test_every_weight_matrix_is_quantized_and_nothing_else(request, scheme):
     assert "DynamicQuantizeLinear" not in ops  # no activation quantized as a separate op
     assert "Add" not in ops  # the qkv bias is folded into the quantized op
     # only the position table is left as a float matrix: the tied embedding / lm_head is stored once
-    assert [dims for _, dims in float_matrices(graph)] == [[1024, TINY["n_embd"]]]
+    assert [dims for _, dims in float_matrices(onnx.load(str(folder / "model.onnx")))] == [[1024, TINY["n_embd"]]]
     vocab_sized = [i.name for i in graph.initializer if VOCAB in i.dims]
     assert len(vocab_sized) == 2, vocab_sized  # the quantized matrix and its scales
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -67,13 +68,13 @@ def test_every_weight_matrix_is_quantized_and_nothing_else(request, scheme):
     assert "shared with lm_head" in q["embedding"]
     # the lm_head's parts read consecutive rows of the embedding's bytes in the data file: no second copy
     lm_head = [n for n in graph.node if n.name.startswith("lm_head_int")]
-    [table] = {n.input[0] for n in graph.node if n.op_type == "GatherBlockQuantized"}
+    table = manifest["token_embedding"]  # the bytes the runtime reads token rows from
     where = {i.name: {e.key: e.value for e in i.external_data} for i in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.initializer}
-    start = int(where[table]["offset"])
+    start = table["rows"]["offset"]
     for part in lm_head:
         assert int(where[part.input[1]]["offset"]) == start
         start += int(where[part.input[1]]["length"])
-    assert start == int(where[table]["offset"]) + int(where[table]["length"])
+    assert start == table["rows"]["offset"] + table["rows"]["bytes"]
     # quantized exports default to an int8 KV cache; the fp32 export (test_export) keeps an fp32 one
     assert manifest["precision"]["kv_cache"] == "int8"
     past = next(i for i in graph.input if i.name == "past_key_values.0.key")
@@ -210,33 +211,39 @@ def test_dialogpt_small_shape(small_checkpoint, small_model, tmp_path, scheme, m
 
 
 @pytest.mark.parametrize("scheme, block_size", [("int8", None), ("int8", 32), ("int4", 32), ("int4", 128)])
-def test_embedding_rows_are_the_dequantized_lm_head_columns(tiny_checkpoint, tmp_path, scheme, block_size):
-    """The token embedding reads the one quantized matrix: each row equals numpy's dequantization of it."""
+def test_token_rows_are_the_lm_heads_bytes_as_onnxruntime_dequantizes_them(tiny_checkpoint, tmp_path, scheme, block_size):
+    """The runtime reads token rows from the one quantized matrix the lm_head multiplies by; each row
+    equals onnxruntime's own GatherBlockQuantized over those bytes, and numpy's dequantization of them."""
     import onnxruntime as ort
     from onnx import helper, numpy_helper
+    from dialogpt_edge.runtime.embedding import TokenEmbedding
 
     kwargs = {"block_size": block_size} if block_size else {}
     folder = export_quietly(tiny_checkpoint, tmp_path / "out", scheme, verify_fidelity=False, kv_cache="fp32", **kwargs)
+    spec = load(folder)
     model = onnx.load(str(folder / "model.onnx"))
-    model.graph.output.append(helper.make_tensor_value_info("tok_emb", onnx.TensorProto.FLOAT, None))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    ids = np.array([[0, 1, 15496, 50256]], np.int64)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = dict(input_ids=ids, position_ids=np.arange(4).reshape(1, 4), seqlens_k=np.array([3], np.int32),
-                 total_sequence_length=np.array(4, np.int32), logits_to_keep=np.array(1, np.int64))
-    for i in model.graph.input:
-        if i.name.startswith("past_key_values"):
-            feeds[i.name] = np.zeros((1, TINY["n_head"], 4, TINY["n_embd"] // TINY["n_head"]), np.float32)
-    emb = session.run(["tok_emb"], feeds)[0][0]
+    bits = 8 if scheme == "int8" else 4
+    blocks, scale = inits[f"wte_lm_head_int{bits}"], inits[f"wte_lm_head_int{bits}_scales"]  # (vocab, k, bs*bits/8), (vocab, k)
     block_size = block_size or quantize.default_block_size(TINY["n_embd"])
+    ids = np.array([0, 1, 15496, 50256, 1], np.int64)
+
+    gather = helper.make_node("GatherBlockQuantized", ["data", "ids", "scales"], ["rows"], domain="com.microsoft",
+                              gather_axis=0, quantize_axis=2, block_size=block_size, bits=bits)
+    graph = helper.make_graph([gather], "g", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [None])],
+                              [helper.make_tensor_value_info("rows", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(blocks, "data"), numpy_helper.from_array(scale[..., None], "scales")])
+    ort_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    by_ort = ort.InferenceSession(ort_model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    by_ort = by_ort.reshape(len(ids), -1)[:, : TINY["n_embd"]]
+
+    ours = TokenEmbedding(folder, spec.token_table, spec.n_embd).rows(ids)
+    np.testing.assert_array_equal(ours, by_ort)
     if scheme == "int8":
-        blocks, scale = inits["wte_lm_head_int8"], inits["wte_lm_head_int8_scales"]  # (vocab, blocks, bs), (vocab, blocks)
         q = blocks.reshape(blocks.shape[0], -1).astype(np.float32) - 128
     else:
-        packed, scale = inits["wte_lm_head_int4"], inits["wte_lm_head_int4_scales"]  # (vocab, blocks, bs/2), (vocab, blocks)
-        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1).astype(np.float32) - 8
-    expected = (q * np.repeat(scale, block_size, axis=1))[:, : TINY["n_embd"]][ids[0]]
-    np.testing.assert_allclose(emb, expected, rtol=1e-6, atol=1e-6)
+        q = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(blocks.shape[0], -1).astype(np.float32) - 8
+    np.testing.assert_allclose(ours, (q * np.repeat(scale, block_size, axis=1))[:, : TINY["n_embd"]][ids], rtol=1e-6, atol=1e-6)
 
 
 def test_row_views_are_saved_as_ranges_of_their_base(tmp_path):
