@@ -10,7 +10,6 @@ cache still holds the file, shared and reclaimable, as it does for every weight.
 from __future__ import annotations
 
 import os
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +28,7 @@ class TokenEmbedding:
     def __init__(self, folder: Path, table: TokenTable, n_embd: int):
         self.table, self.n_embd = table, n_embd
         self.path = Path(folder) / table.file
-        self._file = open(self.path, "rb", buffering=0)
-        self._closer = weakref.finalize(self, self._file.close)
+        self._file = open(self.path, "rb", buffering=0)  # closed with the object
         self._row_bytes = table.row_bytes(n_embd)
         self._blocks = table.blocks(n_embd)
         if table.bits == 4:  # each byte's two values (low nibble first) less the zero point 8
@@ -89,4 +87,4 @@ class TokenEmbedding:
                                "(restore the folder and restart)")
 
     def close(self) -> None:
-        self._closer()
+        self._file.close()
