@@ -196,6 +196,47 @@ def build_gpt2(weights: Mapping[str, np.ndarray], config, *, cache_dtype: str = 
     return model
 
 
+# The tied lm_head runs as this many matmuls over consecutive vocab rows, each reading its own view
+# of the token table's bytes (row_view). onnxruntime packs a matmul's weights while the file's copy
+# of them is mapped and lets that copy go once packed, so over the whole table both copies were
+# resident at once; over a quarter, a quarter. DialoGPT-small, load peak RSS: int8 227 -> 201 MiB
+# (8 parts: 201), fp32 682 -> 572; decode time unchanged, fp32 logits bit-identical
+# (benchmarks/results/experiments.md). The quantizer splits its own (quantize._tied_blocks).
+LM_HEAD_PARTS = 4
+
+
+def split_tied_lm_head(model: onnx.ModelProto) -> bool:
+    """For a graph whose lm_head stays fp32: MatMul(x, Transpose(E)) becomes LM_HEAD_PARTS MatMuls over
+    row views of E, their logits concatenated. False (nothing done) for an untied lm_head.
+
+    Apply it to graphs that are not quantized afterwards: the quantizer looks for the single MatMul.
+    """
+    nodes = list(model.graph.node)
+    table = token_table(model)["rows"]
+    producer = {o: n for n in nodes for o in n.output}
+    transposes = [producer.get(n.input[1]) for n in nodes if n.op_type == "MatMul"]
+    lm_head = next((n for n, t in zip([n for n in nodes if n.op_type == "MatMul"], transposes)
+                    if t is not None and t.op_type == "Transpose" and t.input[0] == table), None)
+    if lm_head is None:
+        return False
+    base = next(i for i in model.graph.initializer if i.name == table)
+    bounds = np.linspace(0, base.dims[0], min(LM_HEAD_PARTS, base.dims[0]) + 1).astype(int).tolist()
+    parts, logits = [], []
+    for j, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        view = row_view(base, start, stop, f"{table}.rows{start}-{stop}")
+        model.graph.initializer.append(view)
+        logits.append(f"{lm_head.output[0]}.part{j}")
+        parts += [helper.make_node("Transpose", [view.name], [view.name + "_t"], name=f"lm_head_weight_part{j}", perm=[1, 0]),
+                  helper.make_node("MatMul", [lm_head.input[0], view.name + "_t"], [logits[-1]], name=f"lm_head_part{j}")]
+    parts.append(helper.make_node("Concat", logits, [lm_head.output[0]], name="lm_head_concat", axis=-1))
+    at = nodes.index(lm_head)
+    nodes[at : at + 1] = parts
+    nodes.remove(producer[lm_head.input[1]])
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return True
+
+
 def token_table(model: onnx.ModelProto) -> dict:
     """The graph's TOKEN_TABLE record: which initializers hold the token embedding the runtime reads."""
     value = next((p.value for p in model.metadata_props if p.key == TOKEN_TABLE), None)

@@ -127,6 +127,7 @@ def export_model(
             progress.step("building the ONNX graph (fused attention, in-place KV cache)")
             weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
             graph = builder.build_gpt2(weights, src.config, cache_dtype="fp32")
+            builder.split_tied_lm_head(graph)
             fused = builder.fused_ops(graph)
             write_tokenizer(tokenizer.backend_tokenizer, staging / TOKENIZER_FILE)
             work = staging / "_work"
@@ -161,6 +162,8 @@ def export_model(
             # and quantized; it is opened again from the saved file for the fidelity measurement.
             del reference
             graph = builder.build_gpt2(weights, src.config, cache_dtype=kv_cache, kv_scales=scales)
+            if not quantized:
+                builder.split_tied_lm_head(graph)
         del weights
         if quantized:
             progress.step(f"quantizing weights to {quantize}")

@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 
 from dialogpt_edge.runtime.errors import UserError
 
-from .builder import MS_DOMAIN, row_view, set_token_table, token_table, view_base
+from .builder import LM_HEAD_PARTS, MS_DOMAIN, row_view, set_token_table, token_table, view_base
 
 QUANTIZED_OPS = ("DynamicQuantizeMatMul", "MatMulNBits")
 
@@ -255,19 +255,13 @@ def _matmul_nbits(inputs: list[str], out: str, name: str, k: int, n: int, bits: 
                             K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level)
 
 
-# The tied lm_head runs as this many MatMulNBits over consecutive vocab rows. Each reads its own
-# view of the embedding's bytes, which onnxruntime releases once it has repacked it, so loading
-# never holds the whole file copy and the whole packed copy at once (the runtime reads token rows
-# with pread, so nothing keeps the table mapped). DialoGPT-small int8: peak RSS 227 -> 201 MiB
-# (8 parts: 201), decode time unchanged (benchmarks/results/experiments.md).
-LM_HEAD_PARTS = 4
 
 
 def _tied_blocks(g: _Graph, tied: _Tied, bits: int, block_size: int, accuracy_level: int) -> None:
     """Quantize E (vocab, n_embd) once in MatMulNBits' row-major blocks: the lm_head's B and the token table.
 
     The runtime reads token rows from these bytes (builder.TOKEN_TABLE); the lm_head multiplies
-    by LM_HEAD_PARTS row views of them and concatenates the logits.
+    by LM_HEAD_PARTS row views of them and concatenates the logits (why: builder.LM_HEAD_PARTS).
     """
     e = g.array(tied.embedding)  # (vocab, n_embd): already MatMulNBits' transposed layout
     vocab, n_embd = e.shape

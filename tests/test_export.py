@@ -106,6 +106,31 @@ def test_tied_embedding_is_stored_once(tiny_model, tiny_checkpoint):
     assert size < 4 * params + 4 * wte * 0.1, (size, params)
 
 
+def test_the_fp32_lm_head_reads_the_token_table_in_row_views(tiny_model):
+    """Four matmuls over consecutive quarters of the one table the runtime reads token rows from:
+    onnxruntime packs each quarter while only that quarter of the file is mapped."""
+    import onnx
+
+    from dialogpt_edge.export.builder import LM_HEAD_PARTS
+
+    graph = onnx.load(str(tiny_model / "model.onnx"), load_external_data=False).graph
+    table = json.loads((tiny_model / "manifest.json").read_text())["token_embedding"]
+    where = {i.name: {e.key: e.value for e in i.external_data} for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    parts = [n for n in graph.node if n.op_type == "MatMul" and n.name.startswith("lm_head_part")]
+    assert len(parts) == LM_HEAD_PARTS
+    start = table["rows"]["offset"]
+    for part in parts:
+        transpose = producer[part.input[1]]
+        assert transpose.op_type == "Transpose"
+        view = where[transpose.input[0]]
+        assert int(view["offset"]) == start
+        start += int(view["length"])
+    assert start == table["rows"]["offset"] + table["rows"]["bytes"]
+    concat = producer["logits"]
+    assert concat.op_type == "Concat" and list(concat.input) == [p.output[0] for p in parts]
+
+
 def test_export_cli_end_to_end_then_generate(tiny_checkpoint, tmp_path):
     out = tmp_path / "exported"
     proc = export_cli(str(tiny_checkpoint), "--output", str(out), "--quantize", "int8", "--fidelity-tokens", "512")

@@ -41,8 +41,8 @@ def quantized_op_counts(graph: onnx.GraphProto) -> dict[str, int]:
 
 # qkv, attention projection, fc, mlp projection per layer; the tied lm_head in parts, over one matrix
 EXPECTED_OPS = {
-    "int8": lambda n_layer: {"DynamicQuantizeMatMul": 4 * n_layer, "MatMulNBits": quantize.LM_HEAD_PARTS},
-    "int4": lambda n_layer: {"MatMulNBits": 4 * n_layer + quantize.LM_HEAD_PARTS},
+    "int8": lambda n_layer: {"DynamicQuantizeMatMul": 4 * n_layer, "MatMulNBits": builder.LM_HEAD_PARTS},
+    "int4": lambda n_layer: {"MatMulNBits": 4 * n_layer + builder.LM_HEAD_PARTS},
 }
 
 
