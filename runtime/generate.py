@@ -46,11 +46,15 @@ def generate(
         rng = np.random.default_rng(config.seed)
     eos = session.spec.eos_token_id
     cache = cache if cache is not None else session.new_cache()
-    seen = list(prompt_ids if history is None else history)
     plain_greedy = config.is_greedy and config.repetition_penalty == 1.0 and not config.no_repeat_ngram_size
 
     logits = session.prefill(prompt_ids, cache)  # a prompt that does not fit raises here
     max_new = min(max_new, reply_room(session, cache))
+    # the ids the penalties look back on, grown in place: sample() reads them as an array every token
+    earlier = prompt_ids if history is None else history
+    seen = np.empty(len(earlier) + max_new, np.intp)
+    seen[: len(earlier)] = earlier
+    said = len(earlier)
     for n in range(max_new):
         ban = eos if n < min_new else None
         if plain_greedy:  # the fast path: an argmax, at most one token masked
@@ -58,13 +62,14 @@ def generate(
                 logits[ban] = -np.inf  # logits is this step's own output buffer
             token = int(np.argmax(logits))
         else:
-            token = sample(logits, config, rng, penalty_ids=seen, ngram_ids=seen, ban=ban)
+            token = sample(logits, config, rng, penalty_ids=seen[:said], ngram_ids=seen[:said], ban=ban)
         if token == eos:
             return
         yield token
-        seen.append(token)
+        seen[said] = token
+        said += 1
         if n + 1 < max_new:
-            logits = session.decode_step(token, cache)
+            logits = session.decode_step(token, cache, copy=False)  # read before the next step
 
 
 def reply_room(session: Session, cache: KVCache) -> int:

@@ -168,7 +168,7 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     return out
 
 
-def _nucleus(values: np.ndarray, p: float) -> np.ndarray:
+def _nucleus(values: np.ndarray, p: float, z: np.ndarray | None = None) -> np.ndarray:
     """Which of `values` (finite logits) the top-p filter keeps.
 
     transformers sorts all of them ascending (stably) and removes each token whose cumulative
@@ -182,7 +182,7 @@ def _nucleus(values: np.ndarray, p: float) -> np.ndarray:
     """
     n = values.size
     peak = np.float64(values.max())
-    z = np.exp(values.astype(np.float64) - peak)
+    z = _exp_from_peak(values) if z is None else z  # sample() passes the ones it draws with
     total = z.sum()
     if n > 1024:
         above = values >= np.partition(values, n - 256)[n - 256]
@@ -266,17 +266,18 @@ def sample(
         candidates = candidates[np.isfinite(x[candidates])]
     else:
         candidates = np.flatnonzero(np.isfinite(x))
-    values = x[candidates]
-    if config.top_p < 1.0 and candidates.size:
-        keep = np.flatnonzero(_nucleus(values, config.top_p))  # indices: a boolean mask gathers 2-6x slower
-        candidates, values = candidates[keep], values[keep]
     if candidates.size == 0:  # every token banned: fall back to the unfiltered argmax
         return int(np.argmax(logits))
-    cumulative = np.cumsum(_softmax(values), dtype=np.float64)
+    values = x[candidates]
+    weights = _exp_from_peak(values)  # softmax's numerators, for the nucleus and the draw alike
+    if config.top_p < 1.0:
+        keep = np.flatnonzero(_nucleus(values, config.top_p, weights))  # indices: a boolean mask gathers 2-6x slower
+        candidates, weights = candidates[keep], weights[keep]  # the peak is always kept: the same numerators
+    cumulative = np.cumsum(weights / weights.sum(), dtype=np.float64)
     index = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
     return int(candidates[min(index, candidates.size - 1)])
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    z = np.exp(x.astype(np.float64) - np.max(x))
-    return z / z.sum()
+def _exp_from_peak(x: np.ndarray) -> np.ndarray:
+    """exp(x - max(x)) in float64: softmax's numerators."""
+    return np.exp(x.astype(np.float64) - np.float64(x.max()))

@@ -158,8 +158,8 @@ class Session:
         # an id out of range would read another row of the data file
         return ValueError(f"token ids must be integers in [0, {self.spec.vocab_size}) for this model")
 
-    def _forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
-        """forward() for ids (1, n) already checked."""
+    def _forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool, copy: bool = True) -> np.ndarray:
+        """forward() for ids (1, n) already checked; copy=False: see decode_step()."""
         n_new = ids.shape[1]
         left = self.positions_left(cache)
         if n_new > left:
@@ -168,7 +168,7 @@ class Session:
             )
         binding = self._binding(cache)
         if n_new <= self.prefill_chunk:
-            return self._run(binding, ids, cache, all_logits)
+            return self._run(binding, ids, cache, all_logits, copy)
         rows = np.empty((n_new, self.spec.vocab_size), np.float32) if all_logits else None
         for start in range(0, n_new, self.prefill_chunk):
             part = ids[:, start : start + self.prefill_chunk]
@@ -177,7 +177,7 @@ class Session:
                 rows[start : start + part.shape[1]] = logits
         return rows if all_logits else logits
 
-    def _run(self, binding: _Binding, ids: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
+    def _run(self, binding: _Binding, ids: np.ndarray, cache: KVCache, all_logits: bool, copy: bool = True) -> np.ndarray:
         """One pass of the graph over `ids` (1, n) after the cached positions."""
         n_new = ids.shape[1]
         past = cache.length
@@ -198,19 +198,24 @@ class Session:
             binding.bind_tokens(embeds, positions, logits)
         self._session.run_with_iobinding(binding.io)
         cache.advance(n_new)
-        # the step buffer is rewritten by the next run, so callers get their own copy
-        return logits[0] if all_logits else logits[0].copy()
+        # the step buffer is rewritten by the next run, so callers get their own copy unless they say
+        return logits[0] if all_logits or not copy else logits[0].copy()
 
     def prefill(self, ids: list[int] | np.ndarray, cache: KVCache) -> np.ndarray:
         """Run a prompt (or a new chat turn) in one pass; returns the last position's logits (vocab,)."""
         return self.forward(ids, cache, all_logits=False)[-1]
 
-    def decode_step(self, token: int, cache: KVCache) -> np.ndarray:
-        """One new token against the cache; returns its logits (vocab,)."""
+    def decode_step(self, token: int, cache: KVCache, *, copy: bool = True) -> np.ndarray:
+        """One new token against the cache; returns its logits (vocab,).
+
+        copy=False returns the cache's step buffer itself, which the next run on `cache` overwrites:
+        for loops done with the logits before their next step (generate()), it saves copying 200 KB
+        a token.
+        """
         token = operator.index(token)  # the per-token path checks without numpy's per-call overhead
         if not 0 <= token < self.spec.vocab_size:
             raise self._bad_ids()
-        return self._forward(np.full((1, 1), token, np.int64), cache, all_logits=False)[-1]
+        return self._forward(np.full((1, 1), token, np.int64), cache, all_logits=False, copy=copy)[-1]
 
     def _binding(self, cache: KVCache) -> _Binding:
         binding = self._bindings.get(cache)

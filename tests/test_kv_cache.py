@@ -122,6 +122,20 @@ def test_generate_ends_where_the_cache_is_full(tiny_model):
     assert small.length == 6
 
 
+def test_a_step_without_a_copy_returns_the_buffer_the_next_step_overwrites(tiny_model):
+    session = Session(load(tiny_model), threads=1)
+    a, b = session.new_cache(), session.new_cache()
+    session.prefill([15496, 11], a)
+    session.prefill([15496, 11], b)
+    copied = session.decode_step(995, a)
+    view = session.decode_step(995, b, copy=False)
+    np.testing.assert_array_equal(view, copied)
+    before = view.copy()
+    following = session.decode_step(30, b, copy=False)
+    assert np.shares_memory(view, following) and not np.array_equal(view, before)
+    assert not np.shares_memory(session.decode_step(30, a), following)
+
+
 def test_each_step_feeds_one_token(tiny_model, monkeypatch):
     session = Session(load(tiny_model), threads=1)
     fed = []
