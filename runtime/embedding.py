@@ -29,6 +29,7 @@ class TokenEmbedding:
         self.table, self.n_embd = table, n_embd
         self.path = Path(folder) / table.file
         self._file = open(self.path, "rb", buffering=0)  # closed with the object
+        self._preadv = getattr(os, "preadv", None)
         self._row_bytes = table.row_bytes(n_embd)
         self._blocks = table.blocks(n_embd)
         if table.bits == 4:  # each byte's two values (low nibble first) less the zero point 8
@@ -72,15 +73,14 @@ class TokenEmbedding:
             out[:] = blocks.reshape(n, -1)[:, : self.n_embd]  # the last block's padding dropped
         return out
 
-    if hasattr(os, "preadv"):
-        def _read_into(self, buffer: np.ndarray, offset: int) -> None:
-            if os.preadv(self._file.fileno(), [buffer], offset) != buffer.nbytes:
-                self._short_read()
-    else:  # Windows
-        def _read_into(self, buffer: np.ndarray, offset: int) -> None:
+    def _read_into(self, buffer: np.ndarray, offset: int) -> None:
+        if self._preadv is not None:  # one system call, no file position
+            done = self._preadv(self._file.fileno(), [buffer], offset)
+        else:  # Windows, and macOS before 11: no preadv
             self._file.seek(offset)
-            if self._file.readinto(buffer) != buffer.nbytes:
-                self._short_read()
+            done = self._file.readinto(buffer)
+        if done != buffer.nbytes:
+            self._short_read()
 
     def _short_read(self):
         raise ModelFolderError(f"{self.path} ended before the token table did: the file was truncated while in use "

@@ -160,3 +160,18 @@ def test_a_tokenizer_that_no_longer_parses_is_reported_as_altered(model_copy):
     with pytest.raises(ModelFolderError) as info:
         open_with_tokenizer(model_copy, threads=1)
     assert "tokenizer.json" in str(info.value) and "sha256" in str(info.value)
+
+
+def test_a_data_file_cut_short_while_in_use_is_named(model_copy):
+    import numpy as np
+
+    from dialogpt_edge.runtime.embedding import TokenEmbedding
+
+    spec = load(model_copy)
+    table = TokenEmbedding(model_copy, spec.token_table, spec.n_embd)
+    data = model_copy / spec.token_table.file
+    with open(data, "r+b") as f:
+        f.truncate(spec.token_table.rows_offset + 100)
+    with pytest.raises(ModelFolderError) as info:
+        table.rows(np.array([spec.vocab_size - 1]))
+    assert "ended before the token table did" in str(info.value) and str(data) in str(info.value)
