@@ -214,9 +214,8 @@ def split_tied_lm_head(model: onnx.ModelProto) -> bool:
     nodes = list(model.graph.node)
     table = token_table(model)["rows"]
     producer = {o: n for n in nodes for o in n.output}
-    transposes = [producer.get(n.input[1]) for n in nodes if n.op_type == "MatMul"]
-    lm_head = next((n for n, t in zip([n for n in nodes if n.op_type == "MatMul"], transposes)
-                    if t is not None and t.op_type == "Transpose" and t.input[0] == table), None)
+    lm_head = next((n for n in nodes if n.op_type == "MatMul" and (t := producer.get(n.input[1])) is not None
+                    and t.op_type == "Transpose" and t.input[0] == table), None)
     if lm_head is None:
         return False
     base = next(i for i in model.graph.initializer if i.name == table)

@@ -204,7 +204,7 @@ def token_table(section: Any, vocab_size: int, n_embd: int, files: dict[str, Any
     if not isinstance(section, dict):
         raise ValueError("is missing")
     bits, rows, scales = section.get("bits"), section.get("rows"), section.get("scales")
-    if bits not in (32, 8, 4):
+    if not is_int_in(bits, 4) or bits not in (32, 8, 4):  # not 8.0: it sizes arrays
         raise ValueError(f"has bits {bits!r}; this runtime reads 32, 8 or 4")
 
     def span(part: Any, what: str) -> int:

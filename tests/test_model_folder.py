@@ -96,6 +96,7 @@ def test_a_folder_from_before_the_token_table_moved_out_of_the_graph_is_told_to_
 @pytest.mark.parametrize("change, named", [
     (lambda m: m.pop("token_embedding"), "'token_embedding' is missing"),
     (lambda m: m["token_embedding"].update(bits=16), "has bits 16; this runtime reads 32, 8 or 4"),
+    (lambda m: m["token_embedding"].update(bits=32.0), "has bits 32.0; this runtime reads 32, 8 or 4"),
     (lambda m: m["token_embedding"]["rows"].update(offset=m["files"]["model.onnx.data"]["bytes"] - 4096), "rows do not fit the model"),
     (lambda m: m["token_embedding"]["rows"].update(bytes=m["token_embedding"]["rows"]["bytes"] // 2), "rows do not fit the model"),
     (lambda m: m["token_embedding"]["rows"].pop("offset"), "needs an integer offset and bytes for its rows"),
