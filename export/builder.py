@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -379,11 +378,14 @@ def token_table_section(path) -> dict:
 
     def where(name: str) -> dict:
         ext = {e.key: e.value for e in inits[name].external_data}
-        return {"offset": int(ext["offset"]), "bytes": int(ext["length"])}
+        return {"file": ext["location"], "offset": int(ext["offset"]), "bytes": int(ext["length"])}
 
-    section = {"file": f"{Path(path).name}{DATA_FILE_SUFFIX}", "bits": table["bits"], "rows": where(table["rows"])}
+    rows = where(table["rows"])
+    section = {"file": rows.pop("file"), "bits": table["bits"], "rows": rows}
     if table["scales"] is not None:
-        section.update(block_size=table["block_size"], scales=where(table["scales"]))
+        scales = where(table["scales"])
+        del scales["file"]  # the same: save_model writes every tensor into one data file
+        section.update(block_size=table["block_size"], scales=scales)
     return section
 
 

@@ -85,6 +85,3 @@ class TokenEmbedding:
     def _short_read(self):
         raise ModelFolderError(f"{self.path} ended before the token table did: the file was truncated while in use "
                                "(restore the folder and restart)")
-
-    def close(self) -> None:
-        self._file.close()

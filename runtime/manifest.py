@@ -212,12 +212,14 @@ def token_table(section: Any, vocab_size: int, n_embd: int, files: dict[str, Any
             raise ValueError(f"needs an integer offset and bytes for its {what}")
         return part["offset"]
 
-    table = TokenTable(file=str(section.get("file")), bits=bits, rows_offset=span(rows, "rows"))
+    rows_offset = span(rows, "rows")
+    block_size = scales_offset = None
     if bits != 32:
         block_size = section.get("block_size")
         if not is_int_in(block_size, 1) or block_size * bits % 8:
             raise ValueError(f"has block_size {block_size!r}; a {bits}-bit table needs whole bytes per block")
-        table = TokenTable(table.file, bits, table.rows_offset, block_size, span(scales, "scales"))
+        scales_offset = span(scales, "scales")
+    table = TokenTable(str(section.get("file")), bits, rows_offset, block_size, scales_offset)
     expected = {"rows": vocab_size * table.row_bytes(n_embd)}
     if bits != 32:
         expected["scales"] = vocab_size * table.blocks(n_embd) * 4
