@@ -8,7 +8,7 @@ import numpy as np
 
 from .errors import is_int_in
 from .kv_cache import KVCache
-from .sampling import SamplingConfig, config_or, sample
+from .sampling import NgramBans, SamplingConfig, config_or, sample_in_place
 from .session import Session
 
 
@@ -55,6 +55,7 @@ def generate(
     seen = np.empty(len(earlier) + max_new, np.intp)
     seen[: len(earlier)] = earlier
     said = len(earlier)
+    ngrams = NgramBans(config.no_repeat_ngram_size, earlier) if config.no_repeat_ngram_size and not plain_greedy else None
     for n in range(max_new):
         ban = eos if n < min_new else None
         if plain_greedy:  # the fast path: an argmax, at most one token masked
@@ -62,12 +63,16 @@ def generate(
                 logits[ban] = -np.inf  # logits is this step's own output buffer
             token = int(np.argmax(logits))
         else:
-            token = sample(logits, config, rng, penalty_ids=seen[:said], ngram_ids=seen[:said], ban=ban)
+            # logits is this step's own buffer (or prefill's copy): sampled in place
+            banned = ngrams.banned() if ngrams is not None else ()
+            token = sample_in_place(logits, config, rng, penalty_ids=seen[:said], banned=banned, ban=ban)
         if token == eos:
             return
         yield token
         seen[said] = token
         said += 1
+        if ngrams is not None:
+            ngrams.add(token)
         if n + 1 < max_new:
             logits = session.decode_step(token, cache, copy=False)  # read before the next step
 

@@ -17,6 +17,7 @@ from transformers.generation.logits_process import (
 )
 
 from dialogpt_edge.runtime.sampling import (
+    NgramBans,
     SamplingConfig,
     SamplingConfigError,
     apply_no_repeat_ngram,
@@ -24,8 +25,10 @@ from dialogpt_edge.runtime.sampling import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    banned_ngram_tokens,
     filtered_logits,
     sample,
+    sample_in_place,
 )
 
 VOCAB = 200
@@ -228,3 +231,71 @@ def test_sample_draws_what_the_filtered_softmax_gives(seed, top_k, top_p, temper
     for _ in range(20):
         expected = support[min(int(np.searchsorted(cumulative, b.random() * cumulative[-1], side="right")), support.size - 1)]
         assert sample(logits, config, a, penalty_ids=history, ngram_ids=history, ban=50256) == expected
+
+
+def draws_from_filtered(logits, config, seed, n, **ids):
+    """n draws, the way sample() is specified: from the softmax of filtered_logits()."""
+    filtered = filtered_logits(logits, config, **ids)
+    support = np.flatnonzero(np.isfinite(filtered))
+    z = np.exp(filtered[support].astype(np.float64) - filtered[support].max())
+    cumulative = np.cumsum(z / z.sum())
+    rng = np.random.default_rng(seed)
+    return [int(support[min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), support.size - 1)])
+            for _ in range(n)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, k=st.sampled_from([1, 50, 700]), temperature=st.sampled_from([0.3, 0.7, 0.8, 1.3, 3.0]),
+       spread=st.sampled_from([2, 8, 64]))
+def test_top_k_after_temperature_keeps_the_ties_rounding_makes(seed, k, temperature, spread):
+    """sample() divides only the values near the top by the temperature. Values a few ulps apart can
+    round to one value when divided, and then top-k keeps them all (as transformers does on the scaled
+    logits): the draws are still filtered_logits()'s."""
+    rng = np.random.default_rng(seed)
+    base = np.float32(rng.standard_normal() * 5)
+    logits = (base + rng.integers(-spread, spread + 1, 50257) * np.spacing(base)).astype(np.float32)
+    config = SamplingConfig(temperature=temperature, top_k=k, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    rng = np.random.default_rng(seed)
+    assert [sample(logits, config, rng) for _ in range(10)] == draws_from_filtered(logits, config, seed, 10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 4), ids=st.lists(st.integers(0, 5), min_size=0, max_size=40), start=st.integers(0, 40))
+def test_ngram_bans_kept_token_by_token_equal_a_rescan(n, ids, start):
+    bans = NgramBans(n, ids[:start])
+    assert set(bans.banned()) == banned_ngram_tokens(ids[:start], n)
+    for i in range(start, len(ids)):
+        bans.add(ids[i])
+        assert set(bans.banned()) == banned_ngram_tokens(ids[: i + 1], n)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, top_k=st.sampled_from([None, 1, 50]), top_p=st.sampled_from([1.0, 0.9]),
+       temperature=st.sampled_from([0.0, 0.8, 1.3]), ngram=st.sampled_from([0, 2, 3]), ban=st.sampled_from([None, 50256]))
+def test_sampling_in_place_picks_what_sample_picks(seed, top_k, top_p, temperature, ngram, ban):
+    """generate() samples its step buffer in place with n-gram bans kept as it goes: the same tokens as sample()."""
+    logits = (np.random.default_rng(seed).standard_normal(50257) * 4).astype(np.float32)
+    history = np.random.default_rng(seed + 2).integers(0, 60, 300)  # few distinct ids: repeated n-grams
+    config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, no_repeat_ngram_size=ngram)
+    a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+    bans = NgramBans(ngram, history)
+    for _ in range(10):
+        expected = sample(logits, config, a, penalty_ids=history, ngram_ids=history, ban=ban)
+        assert sample_in_place(logits.copy(), config, b, penalty_ids=history, banned=bans.banned(), ban=ban) == expected
+
+
+def test_every_token_banned_falls_back_to_the_unfiltered_argmax():
+    logits = np.full(50257, -np.inf, np.float32)
+    logits[[3, 7, 9]] = [1.0, 5.0, 2.0]
+    config = SamplingConfig(no_repeat_ngram_size=2, seed=0)
+    history = [1, 7, 1, 3, 1, 9]  # after 1: 7, 3 and 9 are banned, and all three are penalized
+    x = logits.copy()
+    assert sample_in_place(x, config, np.random.default_rng(0), penalty_ids=history, banned=NgramBans(2, history).banned()) == 7
+    assert sample(logits, config, np.random.default_rng(0), penalty_ids=history, ngram_ids=history) == 7
+
+
+def test_nan_logits_give_a_token_not_a_traceback():
+    """A broken model's NaN logits: no candidate is finite, so the draw falls back to an argmax."""
+    logits = np.full(50257, np.nan, np.float32)
+    for config in (SamplingConfig(seed=0), SamplingConfig(top_k=None, seed=0)):
+        assert 0 <= sample(logits, config, np.random.default_rng(0)) < 50257
