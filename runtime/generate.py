@@ -55,7 +55,7 @@ def generate(
     seen = np.empty(len(earlier) + max_new, np.intp)
     seen[: len(earlier)] = earlier
     said = len(earlier)
-    ngrams = NgramBans(config.no_repeat_ngram_size, earlier) if config.no_repeat_ngram_size else None
+    ngrams = NgramBans(config.no_repeat_ngram_size, seen[:said]) if config.no_repeat_ngram_size else None
     for n in range(max_new):
         ban = eos if n < min_new else None
         if plain_greedy:  # the fast path: an argmax, at most one token masked
