@@ -26,7 +26,7 @@ SHAPES = {  # DialoGPT's real configurations
 }
 # what --backends / --precisions mean when not given: every backend, each at the precisions
 # it shares with the others (llama.cpp's own 8- and 4-bit formats beside ours)
-DEFAULT_BACKENDS = "ours,pytorch,optimum,ctranslate2,llamacpp"
+DEFAULT_BACKENDS = "ours,pytorch,optimum,ctranslate2,llamacpp,genai"
 DEFAULT_PRECISIONS = "fp32,int8,int4,q8_0,q4_0"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dialogpt-edge" / "bench"
 

@@ -25,8 +25,9 @@ def _git_sha() -> str | None:
 
 
 def kv_value_bytes(backend: str, precision: str) -> int:
-    """Bytes per cached key/value element: llama.cpp keeps an f16 cache; ours as its precision says."""
-    if backend == "ours":
+    """Bytes per cached key/value element: llama.cpp keeps an f16 cache; ours (and genai, which runs ours'
+    exports) as its precision says."""
+    if backend in ("ours", "genai"):
         from dialogpt_edge.benchmarks.backends.ours import cache_dtype
 
         return {"int8": 1, "fp16": 2, "fp32": 4}[cache_dtype(precision)]

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import run_env
+from conftest import export_quietly, run_env
 
 FIELDS = {
     "schema_version", "model", "backend", "backend_version", "precision", "threads", "prompt_tokens", "new_tokens",
@@ -77,7 +78,7 @@ def test_unknown_precision_is_one_line_before_any_work(tmp_path):
     ("ours,llamacpp", "fp32,int8,int4", "error: llamacpp runs none of the precisions fp32,int8,int4 (add one of q8_0, q4_0, q4_k_m to --precisions)"),
     # a precision named that nothing would run
     ("ours,pytorch", "int8,q4_0", "error: no backend of ours,pytorch runs precision q4_0 (add llamacpp to --backends)"),
-    ("pytorch", "int8", "error: no backend of pytorch runs precision int8 (add ours or optimum or ctranslate2 to --backends)"),
+    ("pytorch", "int8", "error: no backend of pytorch runs precision int8 (add ours or optimum or ctranslate2 or genai to --backends)"),
 ])
 def test_a_selection_that_would_measure_less_than_asked_fails_before_any_work(tmp_path, backends, precisions, line):
     proc = bench_cli("--shape", "small", "--backends", backends, "--precisions", precisions,
@@ -158,6 +159,7 @@ def test_memory_floor_counts_the_cache_each_precision_really_keeps():
     assert [kv_value_bytes("ours", p) for p in ("int8", "int4", "fp32")] == [1, 1, 4]
     assert [kv_value_bytes("ours", p) for p in ("int8-kv32", "fp32-kv16", "int8-kv16", "int4-kv8", "int8-prepacked")] == [4, 2, 2, 1, 1]
     assert kv_value_bytes("llamacpp", "q8_0") == 2 and kv_value_bytes("pytorch", "fp32") == 4
+    assert kv_value_bytes("genai", "int4") == 1 and kv_value_bytes("genai", "fp32") == 4  # ours' exports, ours' caches
 
 
 def test_a_cached_export_from_another_exporter_is_redone(tiny_int8, tmp_path, monkeypatch):
@@ -308,3 +310,30 @@ def test_a_hub_checkpoint_is_fetched_without_other_frameworks_weights(monkeypatc
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     assert {p.name for p in _download("microsoft/DialoGPT-small").iterdir()} == expected
+
+
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_int8", "tiny_int4", "tiny_int4_padded", "shipped"])
+def test_genai_runs_our_graph_to_our_greedy_ids(request, tmp_path, model):
+    """The onnxruntime-genai peer is our exported graph in genai's C++ loop: its bridged inputs (ids
+    gathered in-graph, seqlens from the attention mask, every prompt position's logits) must leave the
+    computation as it was, so both loops pick the same tokens."""
+    import numpy as np
+
+    from dialogpt_edge.benchmarks.backends import genai, ours
+    from dialogpt_edge.runtime import shipped_model_dir
+
+    assert genai.available() is None  # the test extra installs it
+    if model == "shipped":
+        source = Path(shipped_model_dir())
+    elif model == "tiny_int4_padded":  # 128-value blocks on a 64-wide model: the rows gathered in-graph lose their padding
+        source = export_quietly(request.getfixturevalue("tiny_checkpoint"), tmp_path / "src", "int4", block_size=128,
+                                verify_fidelity=False)
+    else:
+        source = request.getfixturevalue(model)
+    genai.write_folder(source, tmp_path / "genai")
+    theirs, mine = genai.Runner(tmp_path / "genai", threads=2), ours.Runner(source, threads=2)
+    rng = np.random.default_rng(7)
+    for n_prompt in (1, 9, 40):
+        prompt = rng.integers(0, 1000, n_prompt).tolist()
+        their_ids, stamps = theirs.generate(prompt, 24)
+        assert their_ids == mine.generate(prompt, 24)[0] and len(stamps) == 24

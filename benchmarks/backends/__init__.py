@@ -16,6 +16,7 @@ BACKENDS = {
     "optimum": "dialogpt_edge.benchmarks.backends.optimum_ort",
     "ctranslate2": "dialogpt_edge.benchmarks.backends.ctranslate2_backend",
     "llamacpp": "dialogpt_edge.benchmarks.backends.llamacpp",
+    "genai": "dialogpt_edge.benchmarks.backends.genai",
 }
 
 
