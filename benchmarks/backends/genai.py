@@ -12,7 +12,6 @@ computes the lm_head for the last one only), which it pays for in its time to fi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -55,8 +54,9 @@ def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
 
 
 def write_folder(source: Path, folder: Path) -> None:
-    """genai_config.json, the bridged model.onnx and the export's weights file (a hard link where the
-    filesystem allows: genai reads external data only from inside the model's folder)."""
+    """genai_config.json, the bridged model.onnx and a copy of the export's weights file: genai reads
+    external data only from inside the model's folder (a symlink out is refused), and a hard link
+    would make onnx refuse the export's own file (it takes a second link for a hardlink attack)."""
     import onnx
 
     from dialogpt_edge.runtime import load
@@ -68,10 +68,7 @@ def write_folder(source: Path, folder: Path) -> None:
     bridge_inputs(graph)
     onnx.save(graph, str(folder / "model.onnx"))
     for data in {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}:
-        try:
-            os.link(source / data, folder / data)
-        except OSError:
-            shutil.copyfile(source / data, folder / data)
+        shutil.copyfile(source / data, folder / data)
     (folder / "genai_config.json").write_text(json.dumps(genai_config(spec), indent=1))
 
 
