@@ -26,7 +26,7 @@ SHAPES = {  # DialoGPT's real configurations
 }
 # what --backends / --precisions mean when not given: every backend, each at the precisions
 # it shares with the others (llama.cpp's own 8- and 4-bit formats beside ours)
-DEFAULT_BACKENDS = "ours,pytorch,optimum,ctranslate2,llamacpp,genai"
+DEFAULT_BACKENDS = "ours,pytorch,optimum,ctranslate2,llamacpp,genai,openvino"
 DEFAULT_PRECISIONS = "fp32,int8,int4,q8_0,q4_0"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dialogpt-edge" / "bench"
 
@@ -165,7 +165,7 @@ def _weights_bytes(artifact: Path) -> int:
     tensors = sorted(artifact.glob("*.safetensors"))
     if tensors:  # a checkpoint, which the PyTorch baseline runs in fp32 whatever dtype it was saved in
         return 4 * _parameter_count(tensors)
-    names = ("model.onnx", "model.onnx.data", "model.onnx_data", "model_quantized.onnx", "model.bin", "pytorch_model.bin")
+    names = ("model.onnx", "model.onnx.data", "model.onnx_data", "model_quantized.onnx", "model.bin", "pytorch_model.bin", "openvino_model.bin")
     return sum(p.stat().st_size for p in artifact.iterdir() if p.name in names)
 
 

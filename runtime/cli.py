@@ -158,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     what = bench.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", "-m", help="checkpoint to benchmark: hub id or local folder")
     what.add_argument("--shape", choices=("small", "medium", "large"), help="a seeded random checkpoint in DialoGPT's real shape")
-    bench.add_argument("--backends", default=None, help="comma-separated (default: ours,pytorch,optimum,ctranslate2,llamacpp,genai); missing peers are skipped")
-    bench.add_argument("--precisions", default=None, help="comma-separated (default: fp32,int8,int4,q8_0,q4_0); each backend runs those it supports (ours: fp32, int8, int4 as export writes them, each also as -kv8 / -kv16 / -kv32 to pick the KV cache, or -prepacked to run from the prepacked cache; llamacpp: q8_0, q4_0, q4_k_m; genai: fp32, int8, int4, ours' exports in onnxruntime-genai's loop)")
+    bench.add_argument("--backends", default=None, help="comma-separated (default: ours,pytorch,optimum,ctranslate2,llamacpp,genai,openvino); missing peers are skipped")
+    bench.add_argument("--precisions", default=None, help="comma-separated (default: fp32,int8,int4,q8_0,q4_0); each backend runs those it supports (ours: fp32, int8, int4 as export writes them, each also as -kv8 / -kv16 / -kv32 to pick the KV cache, or -prepacked to run from the prepacked cache; llamacpp: q8_0, q4_0, q4_k_m; genai: fp32, int8, int4, ours' exports in onnxruntime-genai's loop; openvino: fp32, int8, int4 by NNCF)")
     bench.add_argument("--prompt-tokens", type=_list_of(_int_at_least(1)), default="32", help="comma-separated context lengths, e.g. 64,256,512,900")
     bench.add_argument("--new-tokens", type=_int_at_least(1), default=64, help="tokens decoded per run (eos ignored)")
     bench.add_argument("--threads", type=_list_of(_threads), default=None,

@@ -78,7 +78,7 @@ def test_unknown_precision_is_one_line_before_any_work(tmp_path):
     ("ours,llamacpp", "fp32,int8,int4", "error: llamacpp runs none of the precisions fp32,int8,int4 (add one of q8_0, q4_0, q4_k_m to --precisions)"),
     # a precision named that nothing would run
     ("ours,pytorch", "int8,q4_0", "error: no backend of ours,pytorch runs precision q4_0 (add llamacpp to --backends)"),
-    ("pytorch", "int8", "error: no backend of pytorch runs precision int8 (add ours or optimum or ctranslate2 or genai to --backends)"),
+    ("pytorch", "int8", "error: no backend of pytorch runs precision int8 (add ours or optimum or ctranslate2 or genai or openvino to --backends)"),
 ])
 def test_a_selection_that_would_measure_less_than_asked_fails_before_any_work(tmp_path, backends, precisions, line):
     proc = bench_cli("--shape", "small", "--backends", backends, "--precisions", precisions,
@@ -340,3 +340,28 @@ def test_genai_runs_our_graph_to_our_greedy_ids(request, tmp_path, model):
         prompt = rng.integers(0, 1000, n_prompt).tolist()
         their_ids, stamps = theirs.generate(prompt, 24)
         assert their_ids == mine.generate(prompt, 24)[0] and len(stamps) == 24
+
+
+def test_openvino_fp32_follows_pytorch_and_its_int8_and_int4_are_compressed(tiny_checkpoint, tmp_path):
+    """The OpenVINO peer's conversion (optimum's ONNX export, batch 1, stateful cache, NNCF weights):
+    fp32 decodes PyTorch's greedy ids with its cache carried between requests, and int8 / int4 store
+    smaller weights and decode the requested number of tokens."""
+    import numpy as np
+
+    from dialogpt_edge.benchmarks.backends import backend_module, openvino_backend
+
+    assert openvino_backend.available() is None  # the test extra installs it
+    torch_runner = backend_module("pytorch").Runner(tiny_checkpoint, 2)
+    sizes = {}
+    for precision in ("fp32", "int8", "int4"):
+        folder = openvino_backend.prepare(tiny_checkpoint, tmp_path, precision)
+        sizes[precision] = (folder / "openvino_model.bin").stat().st_size
+        runner = openvino_backend.Runner(folder, threads=2)
+        rng = np.random.default_rng(3)
+        for n_prompt in (1, 12):
+            prompt = rng.integers(0, 1000, n_prompt).tolist()
+            ids, stamps = runner.generate(prompt, 20)
+            assert len(ids) == len(stamps) == 20
+            if precision == "fp32":
+                assert ids == torch_runner.generate(prompt, 20)[0]
+    assert sizes["int4"] < sizes["int8"] < sizes["fp32"] / 2

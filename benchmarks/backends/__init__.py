@@ -17,6 +17,7 @@ BACKENDS = {
     "ctranslate2": "dialogpt_edge.benchmarks.backends.ctranslate2_backend",
     "llamacpp": "dialogpt_edge.benchmarks.backends.llamacpp",
     "genai": "dialogpt_edge.benchmarks.backends.genai",
+    "openvino": "dialogpt_edge.benchmarks.backends.openvino_backend",
 }
 
 
