@@ -21,6 +21,18 @@ BACKENDS = {
 }
 
 
+def conversion_stamp(module_file: str, *inputs: str) -> str:
+    """What decides a converted peer artifact: the converting module's source and what it converted
+    from (a cached conversion made by older code is redone, as ours' exports are)."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256(Path(module_file).read_bytes())
+    for part in inputs:
+        digest.update(b"\0" + part.encode())
+    return digest.hexdigest()[:16]
+
+
 def backend_module(name: str):
     if name not in BACKENDS:
         from dialogpt_edge.runtime.errors import UserError

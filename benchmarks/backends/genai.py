@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 PRECISIONS = ("fp32", "int8", "int4")  # ours' default exports of each
+STAMP = "conversion-stamp"
 
 
 def available() -> str | None:
@@ -33,18 +34,18 @@ def available() -> str | None:
 
 
 def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
-    """genai's folder for ours' export of `precision`, rebuilt whenever that export changes."""
-    from dialogpt_edge.benchmarks.backends import ours
+    """genai's folder for ours' export of `precision`, rebuilt whenever that export or this bridge changes."""
+    from dialogpt_edge.benchmarks.backends import conversion_stamp, ours
 
     source = ours.prepare(checkpoint, cache_dir, precision)
     out = cache_dir / f"genai-{precision}"
-    origin = (source / "manifest.json").read_text()
-    if (out / "source-manifest.json").is_file() and (out / "source-manifest.json").read_text() == origin:
+    stamp = conversion_stamp(__file__, (source / "manifest.json").read_text())
+    if (out / STAMP).is_file() and (out / STAMP).read_text() == stamp:
         return out
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=cache_dir))
     try:
         write_folder(source, staging)
-        (staging / "source-manifest.json").write_text(origin)  # written last: what marks the folder finished
+        (staging / STAMP).write_text(stamp)  # written last: what marks the folder finished
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
