@@ -346,25 +346,36 @@ def test_openvino_fp32_follows_pytorch_and_its_int8_and_int4_are_compressed(tiny
     """The OpenVINO peer's conversion (optimum's ONNX export, batch 1, stateful cache, NNCF weights):
     fp32 decodes PyTorch's greedy ids with its cache carried between requests, and int8 / int4 store
     smaller weights and decode the requested number of tokens."""
-    import numpy as np
-
     from dialogpt_edge.benchmarks.backends import backend_module, openvino_backend
 
     assert openvino_backend.available() is None  # the test extra installs it
-    torch_runner = backend_module("pytorch").Runner(tiny_checkpoint, 2)
-    sizes = {}
-    for precision in ("fp32", "int8", "int4"):
-        folder = openvino_backend.prepare(tiny_checkpoint, tmp_path, precision)
-        sizes[precision] = (folder / "openvino_model.bin").stat().st_size
-        runner = openvino_backend.Runner(folder, threads=2)
-        rng = np.random.default_rng(3)
-        for n_prompt in (1, 12):
-            prompt = rng.integers(0, 1000, n_prompt).tolist()
-            ids, stamps = runner.generate(prompt, 20)
-            assert len(ids) == len(stamps) == 20
-            if precision == "fp32":
-                assert ids == torch_runner.generate(prompt, 20)[0]
-    assert sizes["int4"] < sizes["int8"] < sizes["fp32"] / 2
+    # OpenVINO runs in a child process, as each bench backend does: once its thread pool is up, a
+    # fork that runs Python before exec (pexpect's, in the chat CLI tests) dies in the child
+    child = (
+        "import json, sys, numpy as np\n"
+        "from pathlib import Path\n"
+        "from dialogpt_edge.benchmarks.backends import openvino_backend as ov\n"
+        "out = {}\n"
+        "for precision in ('fp32', 'int8', 'int4'):\n"
+        "    folder = ov.prepare(Path(sys.argv[1]), Path(sys.argv[2]), precision)\n"
+        "    runner, rng = ov.Runner(folder, threads=2), np.random.default_rng(3)\n"
+        "    runs = [runner.generate(rng.integers(0, 1000, n).tolist(), 20) for n in (1, 12)]\n"
+        "    out[precision] = {'bytes': (folder / 'openvino_model.bin').stat().st_size,\n"
+        "                      'ids': [ids for ids, _ in runs], 'stamps': [len(stamps) for _, stamps in runs]}\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", child, str(tiny_checkpoint), str(tmp_path)], capture_output=True,
+                          text=True, env=run_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    import numpy as np
+
+    torch_runner, rng = backend_module("pytorch").Runner(tiny_checkpoint, 2), np.random.default_rng(3)
+    prompts = [rng.integers(0, 1000, n).tolist() for n in (1, 12)]
+    assert result["fp32"]["ids"] == [torch_runner.generate(prompt, 20)[0] for prompt in prompts]
+    for precision in ("int8", "int4"):
+        assert [len(ids) for ids in result[precision]["ids"]] == result[precision]["stamps"] == [20, 20]
+    assert result["int4"]["bytes"] < result["int8"]["bytes"] < result["fp32"]["bytes"] / 2
 
 
 @pytest.mark.parametrize("peer", ["genai", "openvino"])
