@@ -382,7 +382,7 @@ def test_openvino_fp32_follows_pytorch_and_its_int8_and_int4_are_compressed(tiny
 def test_a_cached_peer_conversion_is_reused_until_its_converter_changes(peer, tmp_path, monkeypatch):
     """Converted peer artifacts are cached between bench runs, but one made by other conversion code
     (or, for genai, from another export of ours) is redone, as ours' exports are."""
-    from dialogpt_edge.benchmarks.backends import genai, openvino_backend, optimum_ort, ours
+    from dialogpt_edge.benchmarks.backends import STAMP, genai, openvino_backend, optimum_ort, ours
 
     source = tmp_path / "export"
     source.mkdir()
@@ -399,6 +399,6 @@ def test_a_cached_peer_conversion_is_reused_until_its_converter_changes(peer, tm
     out = module.prepare(tmp_path / "ckpt", tmp_path, "int8")
     assert len(made) == 1 and out == tmp_path / f"{peer}-int8"
     assert module.prepare(tmp_path / "ckpt", tmp_path, "int8") == out and len(made) == 1  # reused
-    (out / module.STAMP).write_text("made by an older converter")
+    (out / STAMP).write_text("made by an older converter")
     assert module.prepare(tmp_path / "ckpt", tmp_path, "int8") == out and len(made) == 2  # redone
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]

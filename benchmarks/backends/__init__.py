@@ -21,6 +21,9 @@ BACKENDS = {
 }
 
 
+STAMP = "conversion-stamp"
+
+
 def conversion_stamp(module_file: str, *inputs: str) -> str:
     """What decides a converted peer artifact: the converting module's source and what it converted
     from (a cached conversion made by older code is redone, as ours' exports are)."""
@@ -31,6 +34,26 @@ def conversion_stamp(module_file: str, *inputs: str) -> str:
     for part in inputs:
         digest.update(b"\0" + part.encode())
     return digest.hexdigest()[:16]
+
+
+def cached_conversion(out, stamp: str, write) -> None:
+    """Make the folder `out` with write(folder) unless it already holds `stamp`: written in a staging
+    folder beside it and renamed into place, so a conversion cut short is never taken for a finished one."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    if (out / STAMP).is_file() and (out / STAMP).read_text() == stamp:
+        return
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        write(staging)
+        (staging / STAMP).write_text(stamp)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def backend_module(name: str):

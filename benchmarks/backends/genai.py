@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 PRECISIONS = ("fp32", "int8", "int4")  # ours' default exports of each
-STAMP = "conversion-stamp"
 
 
 def available() -> str | None:
@@ -35,22 +33,12 @@ def available() -> str | None:
 
 def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
     """genai's folder for ours' export of `precision`, rebuilt whenever that export or this bridge changes."""
-    from dialogpt_edge.benchmarks.backends import conversion_stamp, ours
+    from dialogpt_edge.benchmarks.backends import cached_conversion, conversion_stamp, ours
 
     source = ours.prepare(checkpoint, cache_dir, precision)
     out = cache_dir / f"genai-{precision}"
-    stamp = conversion_stamp(__file__, (source / "manifest.json").read_text())
-    if (out / STAMP).is_file() and (out / STAMP).read_text() == stamp:
-        return out
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=cache_dir))
-    try:
-        write_folder(source, staging)
-        (staging / STAMP).write_text(stamp)  # written last: what marks the folder finished
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    cached_conversion(out, conversion_stamp(__file__, (source / "manifest.json").read_text()),
+                      lambda folder: write_folder(source, folder))
     return out
 
 

@@ -10,14 +10,11 @@ generation loop, so a plain greedy loop drives the compiled model.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 PRECISIONS = ("fp32", "int8", "int4")
 MODEL_XML = "openvino_model.xml"
-STAMP = "conversion-stamp"
 
 
 def available() -> str | None:
@@ -30,22 +27,12 @@ def available() -> str | None:
 
 
 def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
-    from dialogpt_edge.benchmarks.backends import conversion_stamp, optimum_ort
+    from dialogpt_edge.benchmarks.backends import cached_conversion, conversion_stamp, optimum_ort
 
     out = cache_dir / f"openvino-{precision}"
-    stamp = conversion_stamp(__file__, version())  # redone when this conversion or OpenVINO / NNCF change
-    if (out / STAMP).is_file() and (out / STAMP).read_text() == stamp:
-        return out
     onnx_model = optimum_ort.prepare(checkpoint, cache_dir, "fp32") / "model.onnx"
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=cache_dir))
-    try:
-        _convert(onnx_model, staging / MODEL_XML, precision)
-        (staging / STAMP).write_text(stamp)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)  # a conversion cut short is never taken for a finished one
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # redone when this conversion or OpenVINO / NNCF change
+    cached_conversion(out, conversion_stamp(__file__, version()), lambda folder: _convert(onnx_model, folder / MODEL_XML, precision))
     return out
 
 
