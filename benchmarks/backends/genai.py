@@ -5,7 +5,7 @@ peer measures what our Python decode loop costs against a native one. genai has 
 GPT-2, and its decoder contract differs from ours in three places, all bridged inside the graph:
 it feeds input_ids (the token rows are gathered in-graph from the same table the runtime reads
 itself), an attention_mask (GroupQueryAttention's seqlens_k and total_sequence_length are derived
-from it, as genai's own builder does), and it expects the prompt's logits at every position (ours
+from it in-graph; one unpadded sequence, as the bench runs), and it expects the prompt's logits at every position (ours
 computes the lm_head for the last one only), which it pays for in its time to first token.
 """
 
@@ -113,13 +113,12 @@ def bridge_inputs(model) -> None:
 
 
 def genai_config(spec) -> dict:
-    layers = spec.n_layer
     return {
         "model": {
             "type": "decoder", "context_length": spec.n_positions, "vocab_size": spec.vocab_size,
             "bos_token_id": spec.eos_token_id, "eos_token_id": spec.eos_token_id, "pad_token_id": spec.eos_token_id,
             "decoder": {
-                "filename": "model.onnx", "num_hidden_layers": layers, "num_attention_heads": spec.n_head,
+                "filename": "model.onnx", "num_hidden_layers": spec.n_layer, "num_attention_heads": spec.n_head,
                 "num_key_value_heads": spec.n_head, "head_size": spec.head_dim, "hidden_size": spec.n_embd,
                 "session_options": {"log_id": "dialogpt-edge-bench", "provider_options": []},
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
