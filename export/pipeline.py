@@ -64,7 +64,7 @@ def check_output(output: Path, force: bool) -> None:
         )
 
 
-def _install(staging: Path, output: Path) -> None:
+def install_folder(staging: Path, output: Path) -> None:
     """Swap the finished folder into place; an old model is removed only once the new one is there."""
     old = None
     if output.exists():
@@ -191,7 +191,7 @@ def export_model(
         write_manifest(staging, _manifest(spec, table, src, parity, fused, report, fid, verify_fidelity, kv_cache, calibration,
                                           time.perf_counter() - started))
         progress.step(f"moving into {output}")
-        _install(staging, output)
+        install_folder(staging, output)
         progress.done()
     except OSError as e:
         progress.done()

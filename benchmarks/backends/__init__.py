@@ -43,17 +43,17 @@ def cached_conversion(out, stamp: str, write) -> None:
     import tempfile
     from pathlib import Path
 
+    from dialogpt_edge.export.pipeline import install_folder
+
     if (out / STAMP).is_file() and (out / STAMP).read_text() == stamp:
         return
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         write(staging)
         (staging / STAMP).write_text(stamp)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        install_folder(staging, out)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # what a failed write left
 
 
 def backend_module(name: str):

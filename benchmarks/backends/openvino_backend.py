@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 PRECISIONS = ("fp32", "int8", "int4")
 MODEL_XML = "openvino_model.xml"
 
@@ -30,9 +32,12 @@ def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
     from dialogpt_edge.benchmarks.backends import cached_conversion, conversion_stamp, optimum_ort
 
     out = cache_dir / f"openvino-{precision}"
-    onnx_model = optimum_ort.prepare(checkpoint, cache_dir, "fp32") / "model.onnx"
+
+    def convert(folder: Path) -> None:  # from optimum's export, made only when a conversion is due
+        _convert(optimum_ort.prepare(checkpoint, cache_dir, "fp32") / "model.onnx", folder / MODEL_XML, precision)
+
     # redone when this conversion or OpenVINO / NNCF change
-    cached_conversion(out, conversion_stamp(__file__, version()), lambda folder: _convert(onnx_model, folder / MODEL_XML, precision))
+    cached_conversion(out, conversion_stamp(__file__, version()), convert)
     return out
 
 
@@ -75,8 +80,6 @@ class Runner:
         self.request = compiled.create_infer_request()
 
     def _logits(self, ids, start: int):
-        import numpy as np
-
         n = len(ids)
         feed = {"input_ids": np.asarray(ids, np.int64)[None], "attention_mask": np.ones((1, start + n), np.int64)}
         if "position_ids" in self.names:
@@ -85,8 +88,6 @@ class Runner:
         return self.request.get_tensor("logits").data[0, -1]
 
     def generate(self, prompt_ids: list[int], n_new: int):
-        import numpy as np
-
         self.request.reset_state()
         stamps, ids = [], []
         token = int(np.argmax(self._logits(prompt_ids, 0)))
