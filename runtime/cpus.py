@@ -1,14 +1,21 @@
-"""The CPUs this process may run on, how many physical cores they make, and its cgroup's CPU limit: the thread defaults."""
+"""What this process's CPUs are: how many it may use, the physical cores and cgroup CPU limit they
+make (the thread defaults), and whether their int8 kernels can be trusted to add without clamping."""
 
 from __future__ import annotations
 
 import math
 import os
+import platform
 from pathlib import Path
 
 _SYSFS = Path("/sys/devices/system/cpu")
 _CGROUPS = Path("/sys/fs/cgroup")
 _PROC_CGROUP = Path("/proc/self/cgroup")
+_CPUINFO = Path("/proc/cpuinfo")
+
+_X86 = {"x86_64", "amd64", "i386", "i686", "x86"}
+# /proc/cpuinfo flags of the instructions that sum u8 x s8 products in 32 bits
+_EXACT_INT8_DOT = {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
 def usable_cpus() -> int:
@@ -101,3 +108,35 @@ def _v1_limit(folder: Path) -> float | None:
     except (OSError, ValueError):
         return None
     return quota / period if quota > 0 and period > 0 else None
+
+
+def int8_products_saturate(cpuinfo: Path = _CPUINFO, machine: str | None = None) -> bool:
+    """Whether onnxruntime's u8 x s8 matrix kernels clamp on this CPU: x86 without VNNI or AMX.
+
+    There they multiply with `vpmaddubsw`, which adds each pair of neighbouring products into a
+    saturating 16-bit sum: two 255 x 127 products make 64,770, clamped to 32,767. VNNI and AMX sum
+    in 32 bits, and other architectures have no such kernel. An int8 export's weights use the full
+    +-127, so on such CPUs (many AMD EPYC and Ryzen before Zen 4, Intel before Ice Lake) a random-weight
+    model's top-1 agreement with fp32 fell from 90 % to 72 % (benchmarks/results/experiments.md).
+    Where the flags cannot be read, an x86 CPU counts as clamping: the exact kernel is the safe side.
+    """
+    machine = (machine or platform.machine()).lower()
+    if machine not in _X86:
+        return False
+    flags = _cpu_flags(cpuinfo)
+    return flags is None or not (flags & _EXACT_INT8_DOT)
+
+
+def _cpu_flags(cpuinfo: Path) -> set[str] | None:
+    """The first CPU's feature flags: Linux's /proc/cpuinfo, else numpy's own CPU dispatch table."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    try:  # not Linux: numpy probes CPUID itself (it names AVX-512 VNNI, not the VEX-encoded AVX-VNNI)
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:
+        return None
+    return {"avx512_vnni"} if __cpu_features__.get("AVX512VNNI") else set()

@@ -35,7 +35,7 @@ from .manifest import DATA_FILE, MODEL_FILE, ModelSpec
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 1  # bump when what is written here changes
+LAYOUT_VERSION = 2  # bump when what is written here changes (2: int8 weights as u8 where the CPU clamps u8 x s8)
 STAMP_FILE = "prepacked.json"
 # the copy holds the original weights, their packed forms and any matrix onnxruntime folds (fp32's
 # transposed lm_head): 2.0x the folder for int8 and int4, 2.3x for fp32 on the DialoGPT-small shape

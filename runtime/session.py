@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .cpus import default_threads
+from .cpus import default_threads, int8_products_saturate
 from .embedding import TokenEmbedding
 from .errors import ContextLengthError, ModelFolderError, UserError, first_line, is_int_in
 from .kv_cache import KVCache
@@ -78,6 +78,11 @@ def session_options(threads: int) -> ort.SessionOptions:
     # Decode with an fp32 cache and the int4 path are no slower without it
     # (benchmarks/results/experiments.md).
     opts.enable_cpu_mem_arena = False
+    if int8_products_saturate():
+        # onnxruntime then stores the int8 matmuls' weights as u8 and runs its u8 x u8 kernel, which
+        # widens to 16 bits before multiplying: exact, and as fast here (benchmarks/results/experiments.md).
+        # Not on VNNI CPUs, where onnxruntime would switch too and lose its faster exact kernel.
+        opts.add_session_config_entry("session.x64quantprecision", "1")
     return opts
 
 

@@ -330,7 +330,9 @@ def test_genai_runs_our_graph_to_our_greedy_ids(request, tmp_path, model):
                                 verify_fidelity=False)
     else:
         source = request.getfixturevalue(model)
-    genai.write_folder(source, tmp_path / "genai")
+    # int8 weights stored as u8 (what the bench does where u8 x s8 kernels clamp) on every CPU: the
+    # rewrite must leave the function as it was, whether ours runs exact VNNI or the option's u8 kernels
+    genai.write_folder(source, tmp_path / "genai", exact_int8=True)
     import onnx
 
     onnx.load(str(source / "model.onnx"))  # the export itself untouched: onnx refuses a weights file with a second hard link
@@ -391,7 +393,7 @@ def test_a_cached_peer_conversion_is_reused_until_its_converter_changes(peer, tm
     if peer == "genai":
         module = genai
         monkeypatch.setattr(ours, "prepare", lambda *a: source)
-        monkeypatch.setattr(genai, "write_folder", lambda src, folder: made.append(folder))
+        monkeypatch.setattr(genai, "write_folder", lambda src, folder, **kw: made.append(folder))
     else:
         module = openvino_backend
         monkeypatch.setattr(optimum_ort, "prepare", lambda *a: source)

@@ -79,3 +79,27 @@ def test_the_default_thread_count_stays_within_the_cpu_limit(tmp_path, monkeypat
 
 def test_a_missing_proc_file_means_no_limit(tmp_path):
     assert cpus.cpu_quota(tmp_path / "absent", tmp_path) is None
+
+
+@pytest.mark.parametrize("machine, flags, clamps", [
+    ("x86_64", "fpu sse2 avx avx2 fma", True),  # AVX2 without VNNI: vpmaddubsw's 16-bit pair sums
+    ("x86_64", "fpu avx2 avx512f avx512bw", True),  # AVX-512 without VNNI clamps the same way
+    ("x86_64", "fpu avx2 avx512f avx512_vnni", False),
+    ("x86_64", "fpu avx2 avx_vnni", False),  # the VEX-encoded VNNI of client CPUs without AVX-512
+    ("AMD64", "avx2", True),
+    ("aarch64", "fp asimd asimddp", False),  # no such kernel off x86
+])
+def test_int8_products_saturate_where_x86_lacks_vnni(tmp_path, machine, flags, clamps):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: some cpu\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert cpus.int8_products_saturate(cpuinfo, machine) is clamps
+
+
+def test_unreadable_cpu_flags_fall_back_to_numpy_then_to_the_exact_kernel(tmp_path, monkeypatch):
+    from numpy._core import _multiarray_umath
+
+    missing = tmp_path / "no-cpuinfo"
+    monkeypatch.setattr(_multiarray_umath, "__cpu_features__", {"AVX2": True, "AVX512VNNI": True})
+    assert cpus.int8_products_saturate(missing, "x86_64") is False
+    monkeypatch.setattr(_multiarray_umath, "__cpu_features__", {"AVX2": True, "AVX512VNNI": False})
+    assert cpus.int8_products_saturate(missing, "x86_64") is True

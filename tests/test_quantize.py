@@ -114,6 +114,34 @@ def test_quantized_model_decodes_close_to_fp32(request, tiny_model, scheme):
     assert len(list(generate(quant, ids, max_new_tokens=8))) == 8
 
 
+def test_int8_matmuls_add_without_clamping_on_this_cpu():
+    """Where onnxruntime's u8 x s8 kernel sums product pairs in saturating 16 bits (x86 without VNNI),
+    the runtime's session options must get an exact result anyway: activations quantized to 255 times
+    weights of 127 make pairs of 64,770, which that kernel clamps to 32,767 (the product halved)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dialogpt_edge.runtime.session import session_options
+
+    k, n = 64, 16
+    rng = np.random.default_rng(0)
+    w = np.full((k, n), 127, np.int8)
+    w[:, 1::2] = rng.integers(-127, 128, (k, n // 2))  # and ordinary weights beside the worst case
+    scale = np.full(n, 0.01, np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeMatMul", ["a", "w", "scale"], ["y"], domain="com.microsoft")], "clamp",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(scale, "scale")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+    a = np.ones((1, k), np.float32)
+    a[0, 0] = 0.0  # the range [0, 1]: zero point 0, every other activation 255
+    a_scale = 1.0 / 255
+    exact = (np.rint(a / a_scale) @ w.astype(np.float64)) * a_scale * scale
+    np.testing.assert_allclose(session.run(None, {"a": a})[0], exact, rtol=1e-5, atol=1e-4)
+
+
 def test_int4_packing_round_trips():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((6, 64)).astype(np.float32)

@@ -7,6 +7,11 @@ it feeds input_ids (the token rows are gathered in-graph from the same table the
 itself), an attention_mask (GroupQueryAttention's seqlens_k and total_sequence_length are derived
 from it in-graph; one unpadded sequence, as the bench runs), and it expects the prompt's logits at every position (ours
 computes the lm_head for the last one only), which it pays for in its time to first token.
+
+On CPUs whose u8 x s8 kernels clamp (runtime/cpus.py: int8_products_saturate) ours turns on
+onnxruntime's exact u8 x u8 kernels with a session option that genai cannot pass; genai's copy gets
+the same rewrite onnxruntime makes for that option, stored (exact_int8_weights), so both still
+compute one function.
 """
 
 from __future__ import annotations
@@ -34,15 +39,17 @@ def available() -> str | None:
 def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
     """genai's folder for ours' export of `precision`, rebuilt whenever that export or this bridge changes."""
     from dialogpt_edge.benchmarks.backends import cached_conversion, conversion_stamp, ours
+    from dialogpt_edge.runtime.cpus import int8_products_saturate
 
     source = ours.prepare(checkpoint, cache_dir, precision)
     out = cache_dir / f"genai-{precision}"
-    cached_conversion(out, conversion_stamp(__file__, (source / "manifest.json").read_text()),
-                      lambda folder: write_folder(source, folder))
+    exact = int8_products_saturate()
+    cached_conversion(out, conversion_stamp(__file__, (source / "manifest.json").read_text(), f"exact u8 {exact}"),
+                      lambda folder: write_folder(source, folder, exact_int8=exact))
     return out
 
 
-def write_folder(source: Path, folder: Path) -> None:
+def write_folder(source: Path, folder: Path, *, exact_int8: bool = False) -> None:
     """genai_config.json, the bridged model.onnx and a copy of the export's weights file: genai reads
     external data only from inside the model's folder (a symlink out is refused), and a hard link
     would make onnx refuse the export's own file (it takes a second link for a hardlink attack)."""
@@ -55,10 +62,40 @@ def write_folder(source: Path, folder: Path) -> None:
     spec = load(source, verify_checksums=False)
     graph = onnx.load(str(source / "model.onnx"), load_external_data=False)
     bridge_inputs(graph)
-    onnx.save(graph, str(folder / "model.onnx"))
     for data in {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}:
         shutil.copyfile(source / data, folder / data)
+    if exact_int8:
+        exact_int8_weights(graph, folder)
+    onnx.save(graph, str(folder / "model.onnx"))
     (folder / "genai_config.json").write_text(json.dumps(genai_config(spec), indent=1))
+
+
+def exact_int8_weights(model, folder: Path) -> None:
+    """Every DynamicQuantizeMatMul's int8 weights as uint8 with zero point 128, in place in `folder`'s
+    copy of the weights file: the same values, run by onnxruntime's u8 x u8 kernel, which does not
+    clamp (what the session option session.x64quantprecision makes onnxruntime do at load)."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    for node in g.node:
+        if node.op_type != "DynamicQuantizeMatMul" or len(node.input) > 3 and node.input[3]:
+            continue
+        weights = inits[node.input[1]]
+        if weights.data_type != TensorProto.INT8:
+            continue
+        where = {e.key: e.value for e in weights.external_data}
+        offset, length = int(where.get("offset", 0)), int(where["length"])
+        with open(folder / where["location"], "r+b") as f:  # s8 + 128 as u8 is the byte with its top bit flipped
+            f.seek(offset)
+            flipped = (np.frombuffer(f.read(length), np.uint8) ^ 0x80).tobytes()
+            f.seek(offset)
+            f.write(flipped)
+        weights.data_type = TensorProto.UINT8
+        zero_point = numpy_helper.from_array(np.full(weights.dims[-1], 128, np.uint8), node.input[1] + ".zero_point")
+        g.initializer.append(zero_point)
+        node.input[:] = [*node.input[:3], zero_point.name, *node.input[4:]]
 
 
 def bridge_inputs(model) -> None:
