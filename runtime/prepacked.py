@@ -15,6 +15,12 @@ The packed layout depends on the CPU (which MLAS kernels it dispatches) and on t
 version, so the copy is a cache keyed by both and by the folder's checksums, never part of a
 model folder. It holds the graph and its data file (the original weights plus their packed
 forms: two to two and a half times the folder's size); tokenizer and manifest stay in the folder.
+
+The same cache holds a second kind of copy, not packed (packed=False): the graph as onnxruntime
+rewrites it for this CPU, weights as plain initializers. open_model() uses it by default for int8
+folders on CPUs whose u8 x s8 kernels clamp (cpus.int8_products_saturate): onnxruntime's exact
+kernel there needs the int8 weights stored as u8, a conversion it otherwise redoes at every load
+(small int8 shape: 0.68 s to open and 240 MiB peak, against 0.26 s and 195 MiB from the copy).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ STAMP_FILE = "prepacked.json"
 # the copy holds the original weights, their packed forms and any matrix onnxruntime folds (fp32's
 # transposed lm_head): 2.0x the folder for int8 and int4, 2.3x for fp32 on the DialoGPT-small shape
 SPACE_FACTOR = 3
+PLAIN_SPACE_FACTOR = 1.5  # a copy that is not packed: the weights once, as rewritten
 
 
 def cache_root() -> Path:
@@ -73,10 +80,11 @@ def cpu_fingerprint() -> str:
         return f"{platform.machine()}|{platform.processor()}|{platform.system()}"
 
 
-def cache_key(spec: ModelSpec) -> str:
+def cache_key(spec: ModelSpec, packed: bool = True) -> str:
     files = spec.manifest.get("files", {})
     identity = {
         "layout": LAYOUT_VERSION,
+        "packed": packed,
         "onnxruntime": ort.__version__,
         "cpu": cpu_fingerprint(),
         "graph": {name: files.get(name, {}).get("sha256") for name in (MODEL_FILE, DATA_FILE)},
@@ -84,9 +92,9 @@ def cache_key(spec: ModelSpec) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def cached_graph(spec: ModelSpec) -> Path | None:
-    """The prepacked graph for this folder on this CPU, if a complete copy is cached."""
-    entry = entries_dir() / cache_key(spec)
+def cached_graph(spec: ModelSpec, packed: bool = True) -> Path | None:
+    """This CPU's copy of the folder's graph (prepacked, or not), if a complete one is cached."""
+    entry = entries_dir() / cache_key(spec, packed)
     try:
         stamp = json.loads((entry / STAMP_FILE).read_text())
         if all((entry / name).stat().st_size == size for name, size in stamp["files"].items()):
@@ -101,8 +109,8 @@ def discard(graph: Path) -> None:
     shutil.rmtree(graph.parent, ignore_errors=True)
 
 
-def build(spec: ModelSpec, options: ort.SessionOptions, verified: Future | None = None) -> Path:
-    """Write the prepacked copy and return its graph path.
+def build(spec: ModelSpec, options: ort.SessionOptions, verified: Future | None = None, packed: bool = True) -> Path:
+    """Write this CPU's copy (with the packed weights, or without) and return its graph path.
 
     `options` create the writing session (graph optimisation as the loading sessions have it; the
     thread count does not shape the copy). When `verified` is given (the
@@ -111,17 +119,18 @@ def build(spec: ModelSpec, options: ort.SessionOptions, verified: Future | None 
     """
     root = entries_dir()
     root.mkdir(parents=True, exist_ok=True)
-    need = SPACE_FACTOR * sum(p.stat().st_size for p in (spec.model_path, spec.path / DATA_FILE) if p.exists())
+    need = (SPACE_FACTOR if packed else PLAIN_SPACE_FACTOR) * sum(p.stat().st_size for p in (spec.model_path, spec.path / DATA_FILE) if p.exists())
     free = shutil.disk_usage(root).free
     if free < need:
-        raise OSError(f"{root} has {free >> 20} MiB free, the copy needs about {need >> 20} MiB")
-    key = cache_key(spec)
+        raise OSError(f"{root} has {free >> 20} MiB free, the copy needs about {int(need) >> 20} MiB")
+    key = cache_key(spec, packed)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
     try:
         options.optimized_model_filepath = str(staging / MODEL_FILE)
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA_FILE)
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+        if packed:
+            options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
         ort.InferenceSession(str(spec.model_path), sess_options=options, providers=["CPUExecutionProvider"])
         if verified is not None:
             verified.result()
@@ -129,13 +138,13 @@ def build(spec: ModelSpec, options: ort.SessionOptions, verified: Future | None 
         if set(files) != {MODEL_FILE, DATA_FILE}:
             raise OSError(f"onnxruntime wrote {sorted(files)}, expected {MODEL_FILE} and {DATA_FILE}")
         stamp = {"files": files, "source": str(spec.path), "onnxruntime": ort.__version__, "layout": LAYOUT_VERSION,
-                 "cpu": cpu_fingerprint()}
+                 "cpu": cpu_fingerprint(), "packed": packed}
         (staging / STAMP_FILE).write_text(json.dumps(stamp, indent=1))
         entry = root / key
         try:
             staging.rename(entry)
         except OSError:
-            if cached_graph(spec) is not None:  # another process published the same copy first: keep theirs
+            if cached_graph(spec, packed) is not None:  # another process published the same copy first: keep theirs
                 shutil.rmtree(staging, ignore_errors=True)
             else:  # a damaged copy is in the way: set it aside (a process may still map it), then publish
                 stale = Path(tempfile.mkdtemp(prefix=f".{key}-stale-", dir=root))
@@ -164,7 +173,7 @@ def _drop_superseded(root: Path, key: str, stamp: dict) -> None:
             theirs = json.loads((other / STAMP_FILE).read_text())
         except (OSError, ValueError):
             continue
-        same = ("source", "onnxruntime", "layout", "cpu")
+        same = ("source", "onnxruntime", "layout", "cpu", "packed")
         if isinstance(theirs, dict) and all(theirs.get(k) == stamp[k] for k in same):
-            log.info("removing %s, the prepacked copy of an earlier export of %s", other, stamp["source"])
+            log.info("removing %s, this CPU's copy of an earlier export of %s", other, stamp["source"])
             shutil.rmtree(other, ignore_errors=True)

@@ -239,8 +239,9 @@ def open_model(folder: str | os.PathLike | Path, threads: int | None = None, *, 
     The checksum pass runs beside session creation on the second core, so integrity costs next
     to nothing at start-up; a mismatch is reported in preference to whatever onnxruntime made of
     the altered file. prepack=True (default: $DIALOGPT_EDGE_PREPACK) runs this CPU's prepacked
-    copy of the graph (prepacked.py), writing it on first use; where it cannot be written or
-    read, the folder's own graph runs, with a warning.
+    copy of the graph (prepacked.py), writing it on first use; an int8 folder on a CPU whose u8 x s8
+    kernels clamp runs an unpacked copy with its weights stored as u8 (likewise written once).
+    Where a copy cannot be written or read, the folder's own graph runs, with a warning.
     """
     return _open_checked(load(folder, verify_checksums=False), threads, prepack)
 
@@ -255,7 +256,7 @@ def _open_checked(spec: ModelSpec, threads: int | None, prepack: bool | None) ->
         finally:
             check.result()
     if problem:  # worth saying only once the folder itself is known to be good
-        log.warning("running %s without prepacked weights (%s)", spec.path, problem)
+        log.warning("running %s without its cached copy for this CPU (%s)", spec.path, problem)
     return session
 
 
@@ -278,24 +279,37 @@ def open_with_tokenizer(folder: str | os.PathLike | Path, threads: int | None = 
 
 
 def _open(spec: ModelSpec, threads: int, check, prepack: bool) -> tuple[Session, str | None]:
-    graph, problem = _prepacked_graph(spec, check) if prepack else (None, None)
+    """The session, and why it runs the folder's own graph where a cached copy was meant to run (or None)."""
+    copy = prepack or needs_exact_int8_copy(spec)
+    graph, problem = _cached_graph(spec, check, packed=prepack) if copy else (None, None)
     if graph is not None:
         try:
             return Session(spec, threads, graph=graph), None
         except ModelFolderError as e:
             problem = f"its cached copy did not load: {e}"
             prepacked.discard(graph)
+    if problem and not prepack:
+        problem = f"converting its int8 weights for this CPU at every load instead: {problem}"
     return Session(spec, threads), problem
 
 
-def _prepacked_graph(spec: ModelSpec, check) -> tuple[Path | None, str | None]:
-    """(the prepacked graph, None), or (None, why there is none)."""
-    graph = prepacked.cached_graph(spec)
+def needs_exact_int8_copy(spec: ModelSpec) -> bool:
+    """An int8 folder on a CPU that onnxruntime runs exactly only with its weights as u8 (prepacked.py)."""
+    return spec.precision == "int8" and int8_products_saturate()
+
+
+def _cached_graph(spec: ModelSpec, check, *, packed: bool) -> tuple[Path | None, str | None]:
+    """(this CPU's copy of the graph, None), or (None, why there is none)."""
+    graph = prepacked.cached_graph(spec, packed)
     if graph is not None:
         return graph, None
-    log.info("packing the weights of %s for this CPU, once (cached in %s)", spec.path.name, prepacked.entries_dir())
+    if packed:
+        log.info("packing the weights of %s for this CPU, once (cached in %s)", spec.path.name, prepacked.entries_dir())
+    else:
+        log.info("storing the int8 weights of %s for this CPU's exact kernels, once (cached in %s)",
+                 spec.path.name, prepacked.entries_dir())
     try:
-        return prepacked.build(spec, session_options(1), verified=check), None
+        return prepacked.build(spec, session_options(1), verified=check, packed=packed), None
     except UserError:
         raise  # the folder's checksum mismatch, which the caller reports
     except Exception as e:  # an unwritable cache, a full disk, onnxruntime refusing the graph

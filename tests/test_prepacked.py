@@ -27,6 +27,15 @@ def run(session: Session, steps: int = 12) -> np.ndarray:
     return np.concatenate(rows)
 
 
+@pytest.fixture(autouse=True)
+def exact_int8_kernels(monkeypatch):
+    """These tests are about the packed copy: the unpacked one for clamping CPUs is kept out of them
+    (and tested on its own below), so that they run alike on every CPU."""
+    from dialogpt_edge.runtime import session
+
+    monkeypatch.setattr(session, "int8_products_saturate", lambda: False)
+
+
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     """A private cache, and prepacking on (DIALOGPT_EDGE_PREPACK=1) for open_model() calls that do not choose."""
@@ -120,7 +129,7 @@ def test_a_copy_onnxruntime_refuses_is_dropped_and_the_folder_runs(tiny_int8, ca
     with caplog.at_level(logging.WARNING, logger="dialogpt_edge"):
         session = open_model(tiny_int8)
     assert session.graph == load(tiny_int8).model_path
-    assert any("without prepacked weights" in r.getMessage() for r in caplog.records)
+    assert any("without its cached copy" in r.getMessage() for r in caplog.records)
     np.testing.assert_array_equal(run(session), reference)
     assert entries(cache_dir) == []
     assert open_model(tiny_int8).graph.parent.parent == cache_dir / "prepacked"  # and rebuilt next time
@@ -135,7 +144,7 @@ def test_an_unwritable_cache_falls_back_with_one_warning(tiny_int8, tmp_path, mo
         session = open_model(tiny_int8)
     assert session.graph == load(tiny_int8).model_path
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "without prepacked weights" in warnings[0]
+    assert len(warnings) == 1 and "without its cached copy" in warnings[0]
     np.testing.assert_array_equal(run(session), run(Session(load(tiny_int8))))
 
 
@@ -190,3 +199,43 @@ def test_cli_announces_the_one_time_packing_and_decodes_the_same(tiny_int8, cach
     assert f"packing the weights of {tiny_int8.name} for this CPU, once" in first_err
     assert "packing" not in again_err
     assert plain_ids == first_ids == again_ids
+
+
+def test_on_a_clamping_cpu_an_int8_folder_runs_a_cached_u8_copy(tiny_int8, tiny_int4, cache_dir, monkeypatch, caplog):
+    """Where u8 x s8 kernels clamp, onnxruntime's exact kernel wants the int8 weights as u8: open_model()
+    stores that rewrite once, unpacked, and maps it afterwards; other precisions and prepack=True are
+    untouched by it."""
+    from dialogpt_edge.runtime import session as session_module
+
+    monkeypatch.setattr(session_module, "int8_products_saturate", lambda: True)
+    monkeypatch.delenv("DIALOGPT_EDGE_PREPACK")
+    reference = run(Session(load(tiny_int8)))  # the folder's own graph, converted at load
+    with caplog.at_level(logging.INFO, logger="dialogpt_edge"):
+        first = open_model(tiny_int8)
+    assert any("for this CPU's exact kernels, once" in r.getMessage() for r in caplog.records)
+    stamp = json.loads((first.graph.parent / prepacked.STAMP_FILE).read_text())
+    assert stamp["packed"] is False
+    # the weights once, not beside packed forms (the packed copy's data file is larger than the folder's)
+    assert stamp["files"][prepacked.DATA_FILE] <= 1.1 * (tiny_int8 / prepacked.DATA_FILE).stat().st_size
+    np.testing.assert_array_equal(run(first), reference)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dialogpt_edge"):
+        again = open_model(tiny_int8)
+    assert again.graph == first.graph and not caplog.records
+    assert open_model(tiny_int4).graph == load(tiny_int4).model_path
+    packed = open_model(tiny_int8, prepack=True).graph
+    assert packed != first.graph and json.loads((packed.parent / prepacked.STAMP_FILE).read_text())["packed"] is True
+
+
+def test_on_a_clamping_cpu_an_unwritable_cache_still_runs_exactly(tiny_int8, tmp_path, monkeypatch, caplog):
+    from dialogpt_edge.runtime import session as session_module
+
+    monkeypatch.setattr(session_module, "int8_products_saturate", lambda: True)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("DIALOGPT_EDGE_CACHE_DIR", str(blocker))
+    with caplog.at_level(logging.WARNING, logger="dialogpt_edge"):
+        session = open_model(tiny_int8)
+    assert session.graph == load(tiny_int8).model_path
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "converting its int8 weights for this CPU at every load" in warnings[0]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 # A plain precision is what `export --quantize` writes by default (int8 KV cache for int8 / int4,
 # fp32 for fp32); -kv8 / -kv16 / -kv32 pick the cache; -prepacked runs the same folder from this CPU's
-# prepacked copy (runtime/prepacked.py), written here, untimed, so runs measure later launches.
+# prepacked copy (runtime/prepacked.py), written by prepare(), untimed, so runs measure later launches.
 _WEIGHTS = ("fp32", "int8", "int4")
 _CACHES = {"8": "int8", "16": "fp16", "32": "fp32"}
 PRECISIONS = (*_WEIGHTS, *(f"{w}-kv{b}" for w in _WEIGHTS for b in _CACHES), *(f"{w}-prepacked" for w in _WEIGHTS))
@@ -48,8 +48,9 @@ def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
     if not fresh:  # also when another exporter wrote it: its graph may differ from what this one writes
         export_model(str(checkpoint), out, force=True, quantize=quantize, kv_cache=kv, fidelity_tokens=2048)
         stamp.write_text(current)
-    if precision.endswith(PREPACKED):
-        open_model(out, prepack=True)
+    # this CPU's copy of the graph, if its runs will use one (the prepacked copy, or an int8 folder's u8
+    # copy where u8 x s8 kernels clamp: runtime/prepacked.py), written here, untimed, as a later launch finds it
+    open_model(out, prepack=precision.endswith(PREPACKED))
     return out
 
 
