@@ -80,8 +80,9 @@ def session_options(threads: int) -> ort.SessionOptions:
     opts.enable_cpu_mem_arena = False
     if int8_products_saturate():
         # onnxruntime then stores the int8 matmuls' weights as u8 and runs its u8 x u8 kernel, which
-        # widens to 16 bits before multiplying: exact, and as fast here (benchmarks/results/experiments.md).
-        # Not on VNNI CPUs, where onnxruntime would switch too and lose its faster exact kernel.
+        # widens to 16 bits before multiplying: exact, about 7 % slower to decode on an AVX2 EPYC
+        # (benchmarks/results/experiments.md). Not on VNNI CPUs, where onnxruntime would switch too
+        # and lose its faster exact kernel.
         opts.add_session_config_entry("session.x64quantprecision", "1")
     return opts
 
@@ -280,7 +281,7 @@ def open_with_tokenizer(folder: str | os.PathLike | Path, threads: int | None = 
 
 def _open(spec: ModelSpec, threads: int, check, prepack: bool) -> tuple[Session, str | None]:
     """The session, and why it runs the folder's own graph where a cached copy was meant to run (or None)."""
-    copy = prepack or needs_exact_int8_copy(spec)
+    copy = prepack or _needs_exact_int8_copy(spec)
     graph, problem = _cached_graph(spec, check, packed=prepack) if copy else (None, None)
     if graph is not None:
         try:
@@ -293,7 +294,7 @@ def _open(spec: ModelSpec, threads: int, check, prepack: bool) -> tuple[Session,
     return Session(spec, threads), problem
 
 
-def needs_exact_int8_copy(spec: ModelSpec) -> bool:
+def _needs_exact_int8_copy(spec: ModelSpec) -> bool:
     """An int8 folder on a CPU that onnxruntime runs exactly only with its weights as u8 (prepacked.py)."""
     return spec.precision == "int8" and int8_products_saturate()
 
