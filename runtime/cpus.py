@@ -129,10 +129,11 @@ def int8_products_saturate(cpuinfo: Path = _CPUINFO, machine: str | None = None)
 
 def _cpu_flags(cpuinfo: Path) -> set[str] | None:
     """The first CPU's feature flags: Linux's /proc/cpuinfo, else numpy's own CPU dispatch table."""
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.partition(":")[2].split())
+    try:  # streamed, and only to the first CPU's flags: the kernel writes the file CPU by CPU, slowly on big machines
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
     except OSError:
         pass
     try:  # not Linux: numpy probes CPUID itself (it names AVX-512 VNNI, not the VEX-encoded AVX-VNNI)
