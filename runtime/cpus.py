@@ -11,7 +11,7 @@ from pathlib import Path
 _SYSFS = Path("/sys/devices/system/cpu")
 _CGROUPS = Path("/sys/fs/cgroup")
 _PROC_CGROUP = Path("/proc/self/cgroup")
-_CPUINFO = Path("/proc/cpuinfo")
+CPUINFO = Path("/proc/cpuinfo")
 
 _X86 = {"x86_64", "amd64", "i386", "i686", "x86"}
 # /proc/cpuinfo flags of the instructions that sum u8 x s8 products in 32 bits
@@ -110,7 +110,7 @@ def _v1_limit(folder: Path) -> float | None:
     return quota / period if quota > 0 and period > 0 else None
 
 
-def int8_products_saturate(cpuinfo: Path = _CPUINFO, machine: str | None = None) -> bool:
+def int8_products_saturate(cpuinfo: Path = CPUINFO, machine: str | None = None) -> bool:
     """Whether onnxruntime's u8 x s8 matrix kernels clamp on this CPU: x86 without VNNI or AMX.
 
     There they multiply with `vpmaddubsw`, which adds each pair of neighbouring products into a
@@ -127,15 +127,33 @@ def int8_products_saturate(cpuinfo: Path = _CPUINFO, machine: str | None = None)
     return flags is None or not (flags & _EXACT_INT8_DOT)
 
 
-def _cpu_flags(cpuinfo: Path) -> set[str] | None:
-    """The first CPU's feature flags: Linux's /proc/cpuinfo, else numpy's own CPU dispatch table."""
-    try:  # streamed, and only to the first CPU's flags: the kernel writes the file CPU by CPU, slowly on big machines
+def first_cpu_fields(cpuinfo: Path = CPUINFO) -> dict[str, str] | None:
+    """The first CPU's "key: value" fields in /proc/cpuinfo ("model name", "flags", ...), keys and values
+    stripped of the file's tab padding; None where it cannot be read (not Linux).
+
+    Read only up to that CPU's end: the kernel writes the file CPU by CPU, slowly on big machines.
+    """
+    fields: dict[str, str] = {}
+    try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
+                if not line.strip():
+                    if fields:
+                        break
+                    continue
+                key, sep, value = line.partition(":")
+                if sep:
+                    fields[key.strip()] = value.strip()
     except OSError:
-        pass
+        return None
+    return fields
+
+
+def _cpu_flags(cpuinfo: Path) -> set[str] | None:
+    """The first CPU's feature flags: Linux's /proc/cpuinfo, else numpy's own CPU dispatch table."""
+    fields = first_cpu_fields(cpuinfo)
+    if fields and "flags" in fields:
+        return set(fields["flags"].split())
     try:  # not Linux: numpy probes CPUID itself (it names AVX-512 VNNI, not the VEX-encoded AVX-VNNI)
         from numpy._core._multiarray_umath import __cpu_features__
     except ImportError:

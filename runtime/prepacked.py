@@ -37,6 +37,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from .cpus import CPUINFO, first_cpu_fields
 from .manifest import DATA_FILE, MODEL_FILE, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -68,16 +69,13 @@ def enabled() -> bool:
     return os.environ.get("DIALOGPT_EDGE_PREPACK", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def cpu_fingerprint() -> str:
+def cpu_fingerprint(cpuinfo: Path = CPUINFO) -> str:
     """What decides the packed layout: the CPU's identity and instruction-set flags."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            first = f.read().split("\n\n", 1)[0]
-        fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
-        keep = ("vendor_id", "cpu family", "model", "model name", "flags", "Features", "CPU implementer", "CPU part")
-        return "|".join(f"{k}={fields[k].strip()}" for k in keep if k in fields)
-    except OSError:  # not Linux
+    fields = first_cpu_fields(cpuinfo)
+    if not fields:  # not Linux
         return f"{platform.machine()}|{platform.processor()}|{platform.system()}"
+    keep = ("vendor_id", "cpu family", "model", "model name", "flags", "Features", "CPU implementer", "CPU part")
+    return "|".join(f"{k}={fields[k]}" for k in keep if k in fields)
 
 
 def cache_key(spec: ModelSpec, packed: bool = True) -> str:

@@ -88,6 +88,18 @@ def test_the_copy_is_keyed_by_cpu_and_onnxruntime(tiny_int8, cache_dir, monkeypa
     assert prepacked.cached_graph(spec) is None
 
 
+def test_the_cpu_fingerprint_reads_the_first_cpus_identity_and_flags(tmp_path):
+    """/proc/cpuinfo pads its keys with tabs ("model name\t: ..."): the fingerprint must still find
+    them, or every CPU would share one key and a copy packed for one would be mapped on another."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpu = "processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 49\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n\n"
+    cpuinfo.write_text(cpu.format(n=0, flags="fpu avx2") + cpu.format(n=1, flags="fpu avx2"))
+    zen2 = prepacked.cpu_fingerprint(cpuinfo)
+    assert zen2 == "vendor_id=AuthenticAMD|cpu family=23|model=49|model name=AMD EPYC|flags=fpu avx2"
+    cpuinfo.write_text(cpu.format(n=0, flags="fpu avx2 avx512f avx512_vnni"))
+    assert prepacked.cpu_fingerprint(cpuinfo) != zen2
+
+
 def test_a_reexported_folder_replaces_its_old_copy_and_leaves_other_versions(tiny_int8, tmp_path, cache_dir, monkeypatch):
     folder = tmp_path / "model"
     shutil.copytree(tiny_int8, folder)
