@@ -380,27 +380,48 @@ def test_openvino_fp32_follows_pytorch_and_its_int8_and_int4_are_compressed(tiny
     assert result["int4"]["bytes"] < result["int8"]["bytes"] < result["fp32"]["bytes"] / 2
 
 
-@pytest.mark.parametrize("peer", ["genai", "openvino"])
+@pytest.mark.parametrize("peer", ["genai", "openvino", "ctranslate2", "optimum"])
 def test_a_cached_peer_conversion_is_reused_until_its_converter_changes(peer, tmp_path, monkeypatch):
     """Converted peer artifacts are cached between bench runs, but one made by other conversion code
     (or, for genai, from another export of ours) is redone, as ours' exports are."""
-    from dialogpt_edge.benchmarks.backends import STAMP, genai, openvino_backend, optimum_ort, ours
+    import ctranslate2
+    import optimum.exporters.onnx
+    import optimum.onnxruntime
+
+    from dialogpt_edge.benchmarks.backends import (STAMP, ctranslate2_backend, genai, openvino_backend,
+                                                   optimum_ort, ours)
 
     source = tmp_path / "export"
     source.mkdir()
     (source / "manifest.json").write_text("{}")
     made = []
+    module = {"genai": genai, "openvino": openvino_backend, "ctranslate2": ctranslate2_backend, "optimum": optimum_ort}[peer]
     if peer == "genai":
-        module = genai
         monkeypatch.setattr(ours, "prepare", lambda *a: source)
         monkeypatch.setattr(genai, "write_folder", lambda src, folder, **kw: made.append(folder))
-    else:
-        module = openvino_backend
+    elif peer == "openvino":
         monkeypatch.setattr(optimum_ort, "prepare", lambda *a: source)
         monkeypatch.setattr(openvino_backend, "_convert", lambda onnx_model, xml, precision: made.append(xml))
+    elif peer == "ctranslate2":
+        class Converter:
+            def __init__(self, checkpoint):
+                pass
+
+            def convert(self, folder, **kw):
+                made.append(folder)
+
+        monkeypatch.setattr(ctranslate2.converters, "TransformersConverter", Converter)
+    else:
+        class Quantizer:
+            def quantize(self, save_dir, **kw):
+                made.append(save_dir)
+
+        monkeypatch.setattr(optimum.exporters.onnx, "main_export", lambda ckpt, output, **kw: made.append(output))
+        monkeypatch.setattr(optimum.onnxruntime.ORTQuantizer, "from_pretrained", lambda fp32: Quantizer())
     out = module.prepare(tmp_path / "ckpt", tmp_path, "int8")
-    assert len(made) == 1 and out == tmp_path / f"{peer}-int8"
-    assert module.prepare(tmp_path / "ckpt", tmp_path, "int8") == out and len(made) == 1  # reused
+    converts = 2 if peer == "optimum" else 1  # optimum's int8 model is quantized from its fp32 export
+    assert len(made) == converts and out == tmp_path / f"{peer}-int8"
+    assert module.prepare(tmp_path / "ckpt", tmp_path, "int8") == out and len(made) == converts  # reused
     (out / STAMP).write_text("made by an older converter")
-    assert module.prepare(tmp_path / "ckpt", tmp_path, "int8") == out and len(made) == 2  # redone
+    assert module.prepare(tmp_path / "ckpt", tmp_path, "int8") == out and len(made) == converts + 1  # redone
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]

@@ -17,12 +17,18 @@ def available() -> str | None:
 
 
 def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
+    from dialogpt_edge.benchmarks.backends import cached_conversion, conversion_stamp
+
     out = cache_dir / f"ctranslate2-{precision}"
-    if not (out / "model.bin").is_file():
+
+    def convert(folder: Path) -> None:
         import ctranslate2
 
         quant = "int8" if precision == "int8" else "float32"
-        ctranslate2.converters.TransformersConverter(str(checkpoint)).convert(str(out), quantization=quant, force=True)
+        ctranslate2.converters.TransformersConverter(str(checkpoint)).convert(str(folder), quantization=quant, force=True)
+
+    # redone when this conversion or CTranslate2 changes
+    cached_conversion(out, conversion_stamp(__file__, version()), convert)
     return out
 
 

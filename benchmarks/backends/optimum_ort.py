@@ -16,24 +16,35 @@ def available() -> str | None:
 
 
 def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
+    from dialogpt_edge.benchmarks.backends import cached_conversion, conversion_stamp
+
     fp32 = cache_dir / "optimum-fp32"
-    if not (fp32 / "model.onnx").is_file():
+
+    def export(folder: Path) -> None:
         from optimum.exporters.onnx import main_export
 
         from dialogpt_edge.export.convert import quiet_libraries
 
         with quiet_libraries():
-            main_export(str(checkpoint), output=fp32, task="text-generation-with-past", do_validation=False)
+            main_export(str(checkpoint), output=folder, task="text-generation-with-past", do_validation=False)
+
+    # both redone when this module or optimum / onnxruntime change (what else decides them: the checkpoint
+    # is the cache folder's key)
+    stamp = conversion_stamp(__file__, version())
+    cached_conversion(fp32, stamp, export)
     if precision == "fp32":
         return fp32
     out = cache_dir / "optimum-int8"
-    if not (out / "model_quantized.onnx").is_file():
+
+    def quantize(folder: Path) -> None:
         from optimum.onnxruntime import ORTQuantizer
         from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
         # optimum's stock dynamic int8 recipe for this CPU (AVX-512 VNNI), as its docs show
         config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)
-        ORTQuantizer.from_pretrained(fp32).quantize(save_dir=out, quantization_config=config)
+        ORTQuantizer.from_pretrained(fp32).quantize(save_dir=folder, quantization_config=config)
+
+    cached_conversion(out, stamp, quantize)
     return out
 
 
