@@ -380,7 +380,7 @@ def test_openvino_fp32_follows_pytorch_and_its_int8_and_int4_are_compressed(tiny
     assert result["int4"]["bytes"] < result["int8"]["bytes"] < result["fp32"]["bytes"] / 2
 
 
-@pytest.mark.parametrize("peer", ["genai", "openvino", "ctranslate2", "optimum"])
+@pytest.mark.parametrize("peer", ["genai", "openvino", "ctranslate2", "optimum", "llamacpp"])
 def test_a_cached_peer_conversion_is_reused_until_its_converter_changes(peer, tmp_path, monkeypatch):
     """Converted peer artifacts are cached between bench runs, but one made by other conversion code
     (or, for genai, from another export of ours) is redone, as ours' exports are."""
@@ -388,14 +388,16 @@ def test_a_cached_peer_conversion_is_reused_until_its_converter_changes(peer, tm
     import optimum.exporters.onnx
     import optimum.onnxruntime
 
-    from dialogpt_edge.benchmarks.backends import (STAMP, ctranslate2_backend, genai, openvino_backend,
+    from dialogpt_edge.benchmarks.backends import (STAMP, ctranslate2_backend, genai, llamacpp, openvino_backend,
                                                    optimum_ort, ours)
 
     source = tmp_path / "export"
     source.mkdir()
     (source / "manifest.json").write_text("{}")
     made = []
-    module = {"genai": genai, "openvino": openvino_backend, "ctranslate2": ctranslate2_backend, "optimum": optimum_ort}[peer]
+    module = {"genai": genai, "openvino": openvino_backend, "ctranslate2": ctranslate2_backend, "optimum": optimum_ort,
+              "llamacpp": llamacpp}[peer]
+    precision, artifact = ("q8_0", f"{peer}-q8_0/model.gguf") if peer == "llamacpp" else ("int8", f"{peer}-int8")
     if peer == "genai":
         monkeypatch.setattr(ours, "prepare", lambda *a: source)
         monkeypatch.setattr(genai, "write_folder", lambda src, folder, **kw: made.append(folder))
@@ -411,17 +413,24 @@ def test_a_cached_peer_conversion_is_reused_until_its_converter_changes(peer, tm
                 made.append(folder)
 
         monkeypatch.setattr(ctranslate2.converters, "TransformersConverter", Converter)
-    else:
+    elif peer == "optimum":
         class Quantizer:
             def quantize(self, save_dir, **kw):
                 made.append(save_dir)
 
         monkeypatch.setattr(optimum.exporters.onnx, "main_export", lambda ckpt, output, **kw: made.append(output))
         monkeypatch.setattr(optimum.onnxruntime.ORTQuantizer, "from_pretrained", lambda fp32: Quantizer())
-    out = module.prepare(tmp_path / "ckpt", tmp_path, "int8")
-    converts = 2 if peer == "optimum" else 1  # optimum's int8 model is quantized from its fp32 export
-    assert len(made) == converts and out == tmp_path / f"{peer}-int8"
-    assert module.prepare(tmp_path / "ckpt", tmp_path, "int8") == out and len(made) == converts  # reused
-    (out / STAMP).write_text("made by an older converter")
-    assert module.prepare(tmp_path / "ckpt", tmp_path, "int8") == out and len(made) == converts + 1  # redone
+    else:
+        (tmp_path / "ckpt").mkdir()
+        (tmp_path / "ckpt" / "tokenizer.json").write_text("{}")
+        monkeypatch.setattr(llamacpp, "write_f32_gguf", lambda ckpt, tokenizer, gguf: made.append(gguf))
+        monkeypatch.setattr(llamacpp, "_quantize", lambda f32, gguf, ftype: made.append(gguf))
+        monkeypatch.setattr(llamacpp, "_probe_extra_bufts", lambda gguf: None)
+    out = module.prepare(tmp_path / "ckpt", tmp_path, precision)
+    converts = 1 if peer in ("genai", "openvino", "ctranslate2") else 2  # optimum's and llama.cpp's from an fp32 step
+    assert len(made) == converts and out == tmp_path / artifact
+    assert module.prepare(tmp_path / "ckpt", tmp_path, precision) == out and len(made) == converts  # reused
+    folder = out.parent if out.suffix == ".gguf" else out
+    (folder / STAMP).write_text("made by an older converter")
+    assert module.prepare(tmp_path / "ckpt", tmp_path, precision) == out and len(made) == converts + 1  # redone
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]

@@ -106,23 +106,29 @@ def _token_table(tok: dict, vocab_size: int, eos: int) -> tuple[list[str], list[
     return tokens, kinds
 
 
-def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
-    tokenizer_json = checkpoint / "tokenizer.json"
-    if not tokenizer_json.is_file():  # a checkpoint with only vocab.json + merges.txt (DialoGPT's hub repos)
-        from transformers import AutoTokenizer
+GGUF = "model.gguf"
 
-        tokenizer_json = cache_dir / "tokenizer.json"
-        AutoTokenizer.from_pretrained(checkpoint).backend_tokenizer.save(str(tokenizer_json))
-    f32 = cache_dir / "llamacpp-f32.gguf"
-    if not f32.is_file():
-        write_f32_gguf(checkpoint, tokenizer_json, f32.with_suffix(".partial"))
-        f32.with_suffix(".partial").rename(f32)
-    out = cache_dir / f"llamacpp-{precision}.gguf"
-    if not out.is_file():
-        _quantize(f32, out.with_suffix(".partial"), _FTYPES[precision])
-        out.with_suffix(".partial").rename(out)  # a quantization cut short is never taken for a finished one
-    _probe_extra_bufts(out)
-    return out
+
+def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
+    """The quantized GGUF, made from an f32 one; both cached, and redone when this module or llama-cpp-python change."""
+    from dialogpt_edge.benchmarks.backends import cached_conversion, conversion_stamp
+
+    def write_f32(folder: Path) -> None:
+        tokenizer_json = checkpoint / "tokenizer.json"
+        if not tokenizer_json.is_file():  # a checkpoint with only vocab.json + merges.txt (DialoGPT's hub repos)
+            from transformers import AutoTokenizer
+
+            tokenizer_json = folder / "tokenizer.json"
+            AutoTokenizer.from_pretrained(checkpoint).backend_tokenizer.save(str(tokenizer_json))
+        write_f32_gguf(checkpoint, tokenizer_json, folder / GGUF)
+
+    stamp = conversion_stamp(__file__, version())
+    f32 = cache_dir / "llamacpp-f32"
+    cached_conversion(f32, stamp, write_f32)
+    out = cache_dir / f"llamacpp-{precision}"
+    cached_conversion(out, stamp, lambda folder: _quantize(f32 / GGUF, folder / GGUF, _FTYPES[precision]))
+    _probe_extra_bufts(out / GGUF)
+    return out / GGUF
 
 
 def _quantize(f32: Path, out: Path, ftype: int) -> None:
