@@ -24,12 +24,12 @@ class Source:
 
 @contextmanager
 def quiet_libraries():
-    """Silence transformers' and the hub's chatter while loading; our progress lines stay."""
+    """Silence transformers', the hub's and optimum's chatter while loading; our progress lines stay."""
     import transformers
 
     previous = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
-    loggers = [logging.getLogger(n) for n in ("huggingface_hub",)]
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "optimum")]  # optimum: the bench's export peer
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
