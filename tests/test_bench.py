@@ -139,6 +139,16 @@ def test_a_peer_that_is_not_installed_is_skipped_with_a_note(monkeypatch, tmp_pa
         harness.run(plan)
 
 
+def test_a_peer_that_is_missing_or_does_not_load_says_so_in_one_line(monkeypatch, tmp_path):
+    from dialogpt_edge.benchmarks.backends import missing
+
+    (tmp_path / "broken_peer.py").write_text("raise OSError('libfoo.so.1: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert missing("json", "pip install json", "json") is None
+    assert missing("peer", "pip install peer", "json", "no_such_peer_module") == "peer not installed (pip install peer)"
+    assert missing("peer", "pip install peer", "broken_peer") == "peer does not load: libfoo.so.1: cannot open shared object file"
+
+
 def test_a_backend_with_none_of_the_precisions_is_named_in_the_notes(monkeypatch, tmp_path):
     from dialogpt_edge.benchmarks import harness
     from dialogpt_edge.benchmarks.backends import backend_module

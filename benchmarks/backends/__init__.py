@@ -21,6 +21,21 @@ BACKENDS = {
 }
 
 
+def missing(package: str, install: str, *modules: str) -> str | None:
+    """available()'s answer for a peer that needs `modules`: None when all of them import, else why
+    not in one line (not installed, with the command that installs `package`, or installed but not loading)."""
+    from dialogpt_edge.runtime.errors import first_line
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return f"{package} not installed ({install})"
+        except Exception as e:  # built against another library version, a missing system library
+            return f"{package} does not load: {first_line(e)}"
+    return None
+
+
 STAMP = "conversion-stamp"
 
 

@@ -9,11 +9,9 @@ PRECISIONS = ("int8", "fp32")
 
 
 def available() -> str | None:
-    try:
-        import ctranslate2  # noqa: F401
-    except ImportError:
-        return "ctranslate2 not installed (pip install ctranslate2)"
-    return None
+    from dialogpt_edge.benchmarks.backends import missing
+
+    return missing("ctranslate2", "pip install ctranslate2", "ctranslate2")
 
 
 def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:

@@ -25,15 +25,9 @@ PRECISIONS = ("fp32", "int8", "int4")  # ours' default exports of each
 
 
 def available() -> str | None:
-    try:
-        import onnxruntime_genai  # noqa: F401
-    except ImportError:
-        return "onnxruntime-genai not installed (pip install onnxruntime-genai)"
-    except Exception as e:  # built against another onnxruntime, a missing system library
-        from dialogpt_edge.runtime.errors import first_line
+    from dialogpt_edge.benchmarks.backends import missing
 
-        return f"onnxruntime-genai does not load: {first_line(e)}"
-    return None
+    return missing("onnxruntime-genai", "pip install onnxruntime-genai", "onnxruntime_genai")
 
 
 def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:

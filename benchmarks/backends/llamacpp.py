@@ -15,12 +15,9 @@ _FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15}  # llama_ftype: LLAMA_FTYPE_MOSTL
 
 
 def available() -> str | None:
-    try:
-        import gguf  # noqa: F401
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return "llama-cpp-python not installed (pip install 'dialogpt-edge[llamacpp]')"
-    return None
+    from dialogpt_edge.benchmarks.backends import missing
+
+    return missing("llama-cpp-python", "pip install 'dialogpt-edge[llamacpp]'", "llama_cpp", "gguf")
 
 
 def _weights(checkpoint: Path) -> dict:

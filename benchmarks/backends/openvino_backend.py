@@ -20,12 +20,9 @@ MODEL_XML = "openvino_model.xml"
 
 
 def available() -> str | None:
-    try:
-        import nncf  # noqa: F401
-        import openvino  # noqa: F401
-    except ImportError:
-        return "openvino not installed (pip install openvino nncf)"
-    return None
+    from dialogpt_edge.benchmarks.backends import missing
+
+    return missing("openvino", "pip install openvino nncf", "openvino", "nncf")
 
 
 def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:

@@ -8,11 +8,9 @@ PRECISIONS = ("fp32", "int8")
 
 
 def available() -> str | None:
-    try:
-        import optimum.onnxruntime  # noqa: F401
-    except ImportError:
-        return "optimum-onnx not installed (pip install 'dialogpt-edge[bench]')"
-    return None
+    from dialogpt_edge.benchmarks.backends import missing
+
+    return missing("optimum-onnx", "pip install 'dialogpt-edge[bench]'", "optimum.onnxruntime")
 
 
 def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:

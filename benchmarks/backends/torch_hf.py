@@ -8,12 +8,9 @@ PRECISIONS = ("fp32",)  # torch's dynamic int8 targets nn.Linear; GPT-2's Conv1D
 
 
 def available() -> str | None:
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        return "torch/transformers not installed (pip install 'dialogpt-edge[export]')"
-    return None
+    from dialogpt_edge.benchmarks.backends import missing
+
+    return missing("torch/transformers", "pip install 'dialogpt-edge[export]'", "torch", "transformers")
 
 
 def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
