@@ -436,6 +436,8 @@ def test_a_cached_peer_conversion_is_reused_until_its_converter_changes(peer, tm
         monkeypatch.setattr(llamacpp, "write_f32_gguf", lambda ckpt, tokenizer, gguf: made.append(gguf))
         monkeypatch.setattr(llamacpp, "_quantize", lambda f32, gguf, ftype: made.append(gguf))
         monkeypatch.setattr(llamacpp, "_probe_extra_bufts", lambda gguf: None)
+        for legacy in ("llamacpp-f32.gguf", "llamacpp-q8_0.gguf", "llamacpp-q8_0.gguf.extra-bufts"):
+            (tmp_path / legacy).write_text("an unstamped file of an earlier version")
     out = module.prepare(tmp_path / "ckpt", tmp_path, precision)
     converts = 1 if peer in ("genai", "openvino", "ctranslate2") else 2  # optimum's and llama.cpp's from an fp32 step
     assert len(made) == converts and out == tmp_path / artifact
@@ -443,4 +445,5 @@ def test_a_cached_peer_conversion_is_reused_until_its_converter_changes(peer, tm
     folder = out.parent if out.suffix == ".gguf" else out
     (folder / STAMP).write_text("made by an older converter")
     assert module.prepare(tmp_path / "ckpt", tmp_path, precision) == out and len(made) == converts + 1  # redone
+    assert not list(tmp_path.glob("llamacpp-*.gguf*"))  # llama.cpp's old flat files are gone
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]

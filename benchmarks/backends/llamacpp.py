@@ -119,6 +119,8 @@ def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
             AutoTokenizer.from_pretrained(checkpoint).backend_tokenizer.save(str(tokenizer_json))
         write_f32_gguf(checkpoint, tokenizer_json, folder / GGUF)
 
+    for legacy in cache_dir.glob("llamacpp-*.gguf*"):  # the unstamped files of earlier versions: never read now
+        legacy.unlink(missing_ok=True)
     stamp = conversion_stamp(__file__, version())
     f32 = cache_dir / "llamacpp-f32"
     cached_conversion(f32, stamp, write_f32)
