@@ -5,8 +5,9 @@ created, into ordinary heap memory: 4 KiB pages, so streaming the weights once p
 tens of thousands of pages and misses the TLB on most of them. Where transparent huge pages are
 only given on request (`madvise`, the usual setting) nothing asks for them. `MADV_COLLAPSE`
 (Linux 6.1+) asks after the fact: the kernel copies each 2 MiB window of the new memory onto one
-huge page. On a 2-core AMD EPYC that made decode 14 % faster for small int8 and int4
-(benchmarks/results/experiments.md), for a few tens of milliseconds at load per 100 MiB.
+huge page. On a 2-core AMD EPYC that made decode 10-14 % faster for small int8 and int4 and 4-5 %
+for medium (benchmarks/results/experiments.md); the copying, about 1 ms per MiB there, runs
+beside the session's first runs (Collapse).
 
 Only windows that came into being while the session was created and are wholly resident are
 collapsed: a window that was never touched would become resident (peak RSS), and memory that was
@@ -19,6 +20,7 @@ import ctypes
 import logging
 import os
 import sys
+import threading
 
 log = logging.getLogger("dialogpt_edge")
 
@@ -84,3 +86,23 @@ def collapse_new(before: Regions) -> int:
             break
         # other errors (EAGAIN, ENOMEM: no free huge page now) leave this window as it is and go on
     return moved
+
+
+class Collapse:
+    """collapse_new(before) on a thread of its own, so that loading does not wait for the copying (about
+    1 ms per MiB here, 0.3-0.4 s for a medium int8 model): the session runs meanwhile, on 4 KiB pages
+    until each window has moved (the kernel moves a window under its own locks, as khugepaged does
+    for any running process, so the other threads read the same bytes throughout). `bytes()` waits
+    for it and says how much moved."""
+
+    def __init__(self, before: Regions):
+        self._moved = 0
+        self._thread = threading.Thread(target=self._run, args=(before,), name="dialogpt-edge-hugepages", daemon=True)
+        self._thread.start()
+
+    def _run(self, before: Regions) -> None:
+        self._moved = collapse_new(before)
+
+    def bytes(self) -> int:
+        self._thread.join()
+        return self._moved

@@ -117,7 +117,7 @@ class Session:
             )
         except Exception as e:  # onnxruntime raises its own untyped errors
             raise ModelFolderError(f"onnxruntime cannot load {self.graph}: {first_line(e)} (re-export the model)") from e
-        self.huge_page_bytes = hugepages.collapse_new(before) if huge else 0
+        self._huge_pages = hugepages.Collapse(before) if huge else None
 
         inputs = {i.name: i for i in self._session.get_inputs()}
         expected = ["inputs_embeds", "position_ids", *_SCALARS, "past_key_values.0.key"]
@@ -136,6 +136,11 @@ class Session:
         self.prefill_chunk = prefill_chunk_for(self.cache_dtype)
         self._embedding = TokenEmbedding(spec.path, spec.token_table, spec.n_embd)
         self._bindings: weakref.WeakKeyDictionary[KVCache, _Binding] = weakref.WeakKeyDictionary()
+
+    @property
+    def huge_page_bytes(self) -> int:
+        """How much of onnxruntime's weight memory went onto 2 MiB pages (waits for that to finish)."""
+        return self._huge_pages.bytes() if self._huge_pages is not None else 0
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """A cache for up to `capacity` positions (default: all the model has); memory is committed as it fills."""
