@@ -5,7 +5,7 @@ created, into ordinary heap memory: 4 KiB pages, so streaming the weights once p
 tens of thousands of pages and misses the TLB on most of them. Where transparent huge pages are
 only given on request (`madvise`, the usual setting) nothing asks for them. `MADV_COLLAPSE`
 (Linux 6.1+) asks after the fact: the kernel copies each 2 MiB window of the new memory onto one
-huge page. On a 2-core AMD EPYC that made decode 10-14 % faster for small int8 and int4 and 4-5 %
+huge page. On a 2-core AMD EPYC that made decode 8-14 % faster for small int8 and int4 and 4-12 %
 for medium (benchmarks/results/experiments.md); the copying, about 1 ms per MiB there, runs
 beside the session's first runs (Collapse).
 
