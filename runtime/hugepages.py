@@ -17,6 +17,7 @@ there before (the interpreter's heap, a tokenizer's) is not ours to move.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import sys
@@ -81,8 +82,10 @@ def collapse_new(before: Regions) -> int:
             continue
         if madvise(window, HUGE, _MADV_COLLAPSE) == 0:
             moved += HUGE
-        elif ctypes.get_errno() in (22, 1, 38):  # EINVAL (no MADV_COLLAPSE, THP off), EPERM, ENOSYS: give up
-            log.debug("no huge pages for the weights: madvise(MADV_COLLAPSE) failed with errno %d", ctypes.get_errno())
+            continue
+        error = ctypes.get_errno()
+        if error in (errno.EINVAL, errno.EPERM, errno.ENOSYS):  # no MADV_COLLAPSE, THP off, forbidden: give up
+            log.debug("no huge pages for the weights: madvise(MADV_COLLAPSE) failed: %s", os.strerror(error))
             break
         # other errors (EAGAIN, ENOMEM: no free huge page now) leave this window as it is and go on
     return moved

@@ -290,8 +290,7 @@ def open_with_tokenizer(folder: str | os.PathLike | Path, threads: int | None = 
 
 def _open(spec: ModelSpec, threads: int, check, prepack: bool) -> tuple[Session, str | None]:
     """The session, and why it runs the folder's own graph where a cached copy was meant to run (or None)."""
-    copy = prepack or _needs_exact_int8_copy(spec)
-    graph, problem = _cached_graph(spec, check, packed=prepack) if copy else (None, None)
+    graph, problem = _cached_graph(spec, check, packed=prepack) if runs_cached_copy(spec, prepack) else (None, None)
     if graph is not None:
         try:
             return Session(spec, threads, graph=graph), None
@@ -303,9 +302,11 @@ def _open(spec: ModelSpec, threads: int, check, prepack: bool) -> tuple[Session,
     return Session(spec, threads), problem
 
 
-def _needs_exact_int8_copy(spec: ModelSpec) -> bool:
-    """An int8 folder on a CPU that onnxruntime runs exactly only with its weights as u8 (prepacked.py)."""
-    return spec.precision == "int8" and int8_products_saturate()
+def runs_cached_copy(spec: ModelSpec, prepack: bool) -> bool:
+    """Whether open_model runs this CPU's cached copy of the folder's graph (prepacked.py), written at
+    its first open: the prepacked one, or, for an int8 folder on a CPU that onnxruntime runs exactly
+    only with the weights as u8, the u8 one."""
+    return prepack or (spec.precision == "int8" and int8_products_saturate())
 
 
 def _cached_graph(spec: ModelSpec, check, *, packed: bool) -> tuple[Path | None, str | None]:

@@ -34,6 +34,7 @@ def available() -> str | None:
 def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
     from dialogpt_edge.export.pipeline import export_model
     from dialogpt_edge.runtime import ModelFolderError, load, open_model
+    from dialogpt_edge.runtime.session import runs_cached_copy
 
     quantize, kv = _parse(precision)
     weights = "fp32" if quantize == "none" else quantize
@@ -50,7 +51,9 @@ def prepare(checkpoint: Path, cache_dir: Path, precision: str) -> Path:
         stamp.write_text(current)
     # this CPU's copy of the graph, if its runs will use one (the prepacked copy, or an int8 folder's u8
     # copy where u8 x s8 kernels clamp: runtime/prepacked.py), written here, untimed, as a later launch finds it
-    open_model(out, prepack=precision.endswith(PREPACKED))
+    prepack = precision.endswith(PREPACKED)
+    if runs_cached_copy(load(out, verify_checksums=False), prepack):
+        open_model(out, prepack=prepack)
     return out
 
 
