@@ -7,7 +7,7 @@ only given on request (`madvise`, the usual setting) nothing asks for them. `MAD
 (Linux 6.1+) asks after the fact: the kernel copies each 2 MiB window of the new memory onto one
 huge page. On a 2-core AMD EPYC that made decode 8-14 % faster for small int8 and int4 and 4-12 %
 for medium (benchmarks/results/experiments.md); the copying, about 1 ms per MiB there, runs
-beside the session's first runs (Collapse).
+on a thread of its own that holds still while a prompt is read in (Collapse).
 
 Only windows that came into being while the session was created and are wholly resident are
 collapsed: a window that was never touched would become resident (peak RSS), and memory that was
@@ -16,12 +16,14 @@ there before (the interpreter's heap, a tokenizer's) is not ours to move.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
 import os
 import sys
 import threading
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger("dialogpt_edge")
 
@@ -63,9 +65,10 @@ def new_windows(before: Regions, after: Regions) -> list[int]:
     return windows
 
 
-def collapse_new(before: Regions) -> int:
+def collapse_new(before: Regions, wait: Callable[[], object] = lambda: None) -> int:
     """Collapse the wholly resident windows made since `before` was taken; the bytes moved onto huge pages.
 
+    `wait()` is called before each window (Collapse holds the copying there while a prompt runs).
     Any failure (an older kernel, another OS, a sandbox that forbids it) leaves the memory as it was.
     """
     try:
@@ -80,6 +83,7 @@ def collapse_new(before: Regions) -> int:
     for window in new_windows(before, anonymous_regions()):
         if mincore(window, HUGE, resident) != 0 or not all(b & 1 for b in resident):
             continue
+        wait()
         if madvise(window, HUGE, _MADV_COLLAPSE) == 0:
             moved += HUGE
             continue
@@ -96,15 +100,32 @@ class Collapse:
     1 ms per MiB here, 0.3-0.4 s for a medium int8 model): the session runs meanwhile, on 4 KiB pages
     until each window has moved (the kernel moves a window under its own locks, as khugepaged does
     for any running process, so the other threads read the same bytes throughout). `bytes()` waits
-    for it and says how much moved."""
+    for it and says how much moved.
+
+    The copying takes a core, and with two cores a prompt read in beside it came out up to 2.9x
+    slower (DialoGPT-large shape, int8: first token 270 -> 620-780 ms, cold start 1.03 -> 1.38-1.68 s;
+    benchmarks/results/experiments.md). So it holds between windows while a prompt runs (`paused()`),
+    and catches up during the typing before one or the decoding after it.
+    """
 
     def __init__(self, before: Regions):
         self._moved = 0
+        self._go = threading.Event()
+        self._go.set()
         self._thread = threading.Thread(target=self._run, args=(before,), name="dialogpt-edge-hugepages", daemon=True)
         self._thread.start()
 
     def _run(self, before: Regions) -> None:
-        self._moved = collapse_new(before)
+        self._moved = collapse_new(before, self._go.wait)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No new window is started inside this block (the one being copied, about 2 ms, finishes)."""
+        self._go.clear()
+        try:
+            yield
+        finally:
+            self._go.set()
 
     def bytes(self) -> int:
         self._thread.join()

@@ -211,7 +211,11 @@ class Session:
             positions = np.arange(past, total, dtype=np.int64).reshape(1, -1)
             logits = np.empty((1, n_new, self.spec.vocab_size), np.float32) if all_logits else binding.logits
             binding.bind_tokens(embeds, positions, logits)
-        self._session.run_with_iobinding(binding.io)
+        if n_new > 1 and self._huge_pages is not None:  # a prompt: the first token waits on it
+            with self._huge_pages.paused():
+                self._session.run_with_iobinding(binding.io)
+        else:
+            self._session.run_with_iobinding(binding.io)
         cache.advance(n_new)
         # the step buffer is rewritten by the next run, so callers get their own copy unless they say
         return logits[0] if all_logits or not copy else logits[0].copy()

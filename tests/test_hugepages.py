@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import platform
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -66,6 +67,39 @@ def test_new_resident_memory_is_collapsed_and_untouched_memory_stays_unresident(
         assert huge_kb >= 2 * 1024 and moved >= huge_kb * 1024  # the aligned windows of `touched`, at least
     assert np.frombuffer(touched, np.uint8).min() == 7  # the data moved with the pages
     # (the tests' own process may have made other memory since `before`, which collapse_new may also move)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and madvise are Linux's")
+def test_no_window_is_collapsed_while_the_copying_is_held():
+    before = hugepages.anonymous_regions()
+    touched = mmap.mmap(-1, 8 * MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    np.frombuffer(touched, np.uint8)[:] = 7
+    go, moved = threading.Event(), []
+    copier = threading.Thread(target=lambda: moved.append(hugepages.collapse_new(before, go.wait)))
+    copier.start()
+    copier.join(0.3)
+    start = np.frombuffer(touched, np.uint8).ctypes.data
+    assert copier.is_alive() and _smaps(start).get("AnonHugePages", 0) == 0  # held before its first window
+    go.set()
+    copier.join()
+    if _collapse_supported():
+        assert _smaps(start).get("AnonHugePages", 0) >= 2 * 1024 and moved[0] > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages are asked for on Linux only")
+def test_a_session_holds_the_copying_while_a_prompt_runs_and_not_while_it_decodes(tiny_int4, monkeypatch):
+    monkeypatch.delenv(hugepages.ENV, raising=False)
+    held = []
+    paused = hugepages.Collapse.paused
+    monkeypatch.setattr(hugepages.Collapse, "paused", lambda self: held.append(len(held)) or paused(self))
+    session = Session(load(tiny_int4))
+    cache = session.new_cache()
+    token = int(session.prefill([464, 3290, 318], cache).argmax())
+    assert held == [0]
+    session.decode_step(token, cache)
+    assert held == [0]  # decode steps run beside the copying: waiting would stall the reply
+    session.prefill([257, 1332], cache)  # a chat's next turn
+    assert held == [0, 1]
 
 
 def test_a_session_with_huge_pages_computes_what_one_without_does(tiny_int4, monkeypatch):
