@@ -81,9 +81,9 @@ def collapse_new(before: Regions, wait: Callable[[], object] = lambda: None) -> 
     resident = (ctypes.c_ubyte * (HUGE // _PAGE))()
     moved = 0
     for window in new_windows(before, anonymous_regions()):
+        wait()  # before the residency check, which must still hold when the window is copied
         if mincore(window, HUGE, resident) != 0 or not all(b & 1 for b in resident):
             continue
-        wait()
         if madvise(window, HUGE, _MADV_COLLAPSE) == 0:
             moved += HUGE
             continue
