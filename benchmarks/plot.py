@@ -32,13 +32,13 @@ def plot_records(records: list[dict], stem: Path) -> list[Path]:
 
     contexts = sorted({r["prompt_tokens"] for r in records})
     if len(contexts) > 1:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(8.5, 4))
         for key in sorted({(r["backend"], r["precision"]) for r in records}):
             rows = sorted((r for r in records if (r["backend"], r["precision"]) == key and r["threads"] == threads), key=lambda r: r["prompt_tokens"])
             ax.plot([r["prompt_tokens"] for r in rows], [r["decode_ms_median"] for r in rows], "o-", label=" ".join(key))
         ax.set_xlabel("context (prompt tokens)")
         ax.set_ylabel("decode ms/token (median)")
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # outside: lines of many peers run under it
         ax.set_title(f"{records[0]['model']}: decode cost against context, {threads} threads", fontsize=9)
         fig.tight_layout()
         paths.append(stem.with_name(stem.name + "_context.png"))
