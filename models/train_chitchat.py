@@ -1,7 +1,7 @@
 """Train the small DialoGPT that the project ships, on chitchat-dataset, reproducibly.
 
     pip install -e ".[test]" matplotlib
-    python models/train_chitchat.py --output models/chitchat-small --steps 1800
+    python models/train_chitchat.py --output /tmp/chitchat --steps 1800
 
 Writes: checkpoint/ (fp16 safetensors + tokenizer), training.json (hyper-parameters,
 split, loss curve, held-out perplexities, unigram baseline), loss.png. Export the
@@ -63,10 +63,8 @@ def perplexity(model, stream: np.ndarray, block: int, max_blocks: int | None = N
     return math.exp(total / count)
 
 
-# Reproduce the shipped model (two phases; the second also trains positions 256-511):
-#   python models/train_chitchat.py --output /tmp/phase1 --n-layer 4 --n-embd 320 --n-head 5 --steps 900 --warmup 50
-#   python models/train_chitchat.py --output /tmp/phase2 --init-from /tmp/phase1 --n-layer 4 --n-embd 320 --n-head 5 \
-#       --block 512 --batch 8 --steps 250 --lr 1e-3 --warmup 20 --seed 1 --eval-every 50
+# The shipped model's three phases (the second and third also train positions 256-511), command by
+# command: models/README.md, under Training.
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
