@@ -172,6 +172,23 @@ def test_memory_floor_counts_the_cache_each_precision_really_keeps():
     assert kv_value_bytes("genai", "int4") == 1 and kv_value_bytes("genai", "fp32") == 4  # ours' exports, ours' caches
 
 
+def test_the_machine_line_tells_cpus_that_share_a_model_name_apart(tmp_path):
+    """A virtual machine's "AMD EPYC" is a Zen 2 without VNNI or a Zen 5 with it: results must say which."""
+    from dialogpt_edge.benchmarks.machine import cpu_name
+
+    def cpuinfo(family, model, flags):
+        path = tmp_path / f"cpuinfo-{family}"
+        path.write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+                        f"model name\t: AMD EPYC\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+        return path
+
+    assert cpu_name(cpuinfo(23, 49, "fpu sse2 avx avx2 fma")) == "AMD EPYC (family 23 model 49, AVX2)"
+    assert cpu_name(cpuinfo(26, 2, "avx2 avx512f avx512bw avx_vnni avx512_vnni")) == "AMD EPYC (family 26 model 2, AVX-512 VNNI)"
+    no_fields = tmp_path / "bare"
+    no_fields.write_text("model name\t: Some CPU\n")
+    assert cpu_name(no_fields) == "Some CPU"
+
+
 def test_a_cached_export_from_another_exporter_is_redone(tiny_int8, tmp_path, monkeypatch):
     """The bench reuses its exports between runs, but not one that another version of the exporter wrote."""
     import shutil
@@ -370,7 +387,7 @@ def test_openvino_fp32_follows_pytorch_and_its_int8_and_int4_are_compressed(tiny
         "out = {}\n"
         "for precision in ('fp32', 'int8', 'int4'):\n"
         "    folder = ov.prepare(Path(sys.argv[1]), Path(sys.argv[2]), precision)\n"
-        "    runner, rng = ov.Runner(folder, threads=2), np.random.default_rng(3)\n"
+        "    runner, rng = ov.Runner(folder, threads=2, precision=precision), np.random.default_rng(3)\n"
         "    runs = [runner.generate(rng.integers(0, 1000, n).tolist(), 20) for n in (1, 12)]\n"
         "    out[precision] = {'bytes': (folder / 'openvino_model.bin').stat().st_size,\n"
         "                      'ids': [ids for ids, _ in runs], 'stamps': [len(stamps) for _, stamps in runs]}\n"
