@@ -91,6 +91,8 @@ def export_model(
     started = time.perf_counter()
     if quantize not in quantize_mod.SCHEMES:
         raise UserError(f"unknown --quantize {quantize!r} (choose one of: {', '.join(quantize_mod.SCHEMES)})")
+    if block_size is not None and block_size not in quantize_mod.BLOCK_SIZES:
+        raise UserError(f"unknown --block-size {block_size!r} (choose one of: {', '.join(map(str, quantize_mod.BLOCK_SIZES))})")
     if verify_fidelity and fidelity_tokens < fidelity.MIN_TOKENS:
         raise UserError(f"--fidelity-tokens {fidelity_tokens} is too few to measure anything "
                         f"(use at least {fidelity.MIN_TOKENS}, or --no-verify to skip the measurement)")

@@ -159,6 +159,16 @@ def test_too_few_fidelity_tokens_are_refused_before_any_work(tiny_checkpoint, tm
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+def test_a_block_size_the_kernels_do_not_take_is_refused_before_any_work(tiny_checkpoint, tmp_path):
+    """The CLI's choices stop a bad --block-size; a caller of export_model gets the same one line."""
+    from dialogpt_edge.export.pipeline import export_model
+    from dialogpt_edge.runtime.errors import UserError
+
+    with pytest.raises(UserError, match=r"unknown --block-size 48 \(choose one of: 16, 32, 64, 128, 256\)"):
+        export_model(str(tiny_checkpoint), tmp_path / "odd", quantize="int4", block_size=48)
+    assert leftovers(tmp_path) == [] and not (tmp_path / "odd").exists()
+
+
 @pytest.mark.parametrize("flag", [["--block-size", "64"], ["--accuracy-level", "4"]])
 def test_quantization_settings_for_an_fp32_export_are_refused(tiny_checkpoint, tmp_path, flag):
     out = tmp_path / "fp32"

@@ -169,13 +169,20 @@ def test_int4_blocks_that_do_not_divide_k_are_zero_padded():
     assert not deq[:, 80:].any()
 
 
-def test_int4_with_a_block_wider_than_the_model(tiny_checkpoint, tiny_model, tmp_path):
-    """--block-size 128 on a 64-wide model: matmuls and the shared embedding read the padded blocks right."""
-    folder = export_quietly(tiny_checkpoint, tmp_path / "out", "int4", block_size=128, verify_fidelity=False)
+@pytest.mark.parametrize("block_size", [128, 256])
+def test_int4_with_a_block_wider_than_the_model(tiny_checkpoint, tiny_model, tmp_path, block_size):
+    """--block-size 128 or 256 on a 64-wide model: matmuls and the shared embedding read the padded blocks right."""
+    folder = export_quietly(tiny_checkpoint, tmp_path / "out", "int4", block_size=block_size, verify_fidelity=False)
     fp32, quant = Session(load(tiny_model)), Session(load(folder))
     ids = [15496, 11, 703, 389, 345, 30, 50256] * 4
     a, b = fp32.forward(ids, fp32.new_cache()), quant.forward(ids, quant.new_cache())
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.8
+
+
+def test_the_default_block_is_the_widest_up_to_128_that_divides_the_width():
+    """256 is there to ask for, not a default: its cost on trained DialoGPT weights is unmeasured."""
+    assert [quantize.default_block_size(w) for w in (768, 1024, 1280, 320, 64, 48, 40)] == [128, 128, 128, 64, 64, 16, 128]
+    assert 256 in quantize.BLOCK_SIZES
 
 
 def test_a_missed_weight_matrix_fails_the_export(tiny_checkpoint, tmp_path, monkeypatch):
@@ -238,7 +245,7 @@ def test_dialogpt_small_shape(small_checkpoint, small_model, tmp_path, scheme, m
     assert manifest["precision"]["quantization"]["quantized_matmuls"] == 49
 
 
-@pytest.mark.parametrize("scheme, block_size", [("int8", None), ("int8", 32), ("int4", 32), ("int4", 128)])
+@pytest.mark.parametrize("scheme, block_size", [("int8", None), ("int8", 32), ("int4", 32), ("int4", 128), ("int4", 256)])
 def test_token_rows_are_the_lm_heads_bytes_as_onnxruntime_dequantizes_them(tiny_checkpoint, tmp_path, scheme, block_size):
     """The runtime reads token rows from the one quantized matrix the lm_head multiplies by; each row
     equals onnxruntime's own GatherBlockQuantized over those bytes, and numpy's dequantization of them."""
