@@ -12,6 +12,10 @@ import numpy as np
 
 from dialogpt_edge.runtime.cpus import CPUINFO, first_cpu_fields
 
+# widest first: what decides which onnxruntime and llama.cpp kernels run
+_ISA = (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512"), ("avx_vnni", "AVX2 VNNI"),
+        ("avx2", "AVX2"), ("asimddp", "NEON dot product"))
+
 
 def cpu_name(cpuinfo: Path = CPUINFO) -> str:
     """The model name, with the CPU family and model and its widest vector ISA where /proc/cpuinfo has
@@ -22,11 +26,6 @@ def cpu_name(cpuinfo: Path = CPUINFO) -> str:
     flags = set(fields.get("flags", "").split())
     isa = next((label for flag, label in _ISA if flag in flags), None)
     return f"{name} ({', '.join(details + ([isa] if isa else []))})" if details or isa else name
-
-
-# widest first: what decides which onnxruntime and llama.cpp kernels run
-_ISA = (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512"), ("avx_vnni", "AVX2 VNNI"),
-        ("avx2", "AVX2"), ("asimddp", "NEON dot product"))
 
 
 def describe() -> dict:
@@ -44,7 +43,7 @@ def read_bandwidth_gbps(threads: int = 2, mb: int = 512, repeats: int = 5) -> fl
     Two readers, the faster counts: np.max (numpy's SIMD loop, one compare per element) and np.sum.
     np.sum alone was compute-bound on AVX-512 CPUs: on a 2-core AMD EPYC Zen 5 it read 41.7 GB/s
     where np.max read 67.7 and our fp32 decode streamed its weights at about 64 (so fp32 ran at
-    0.53-0.8x a "floor" it cannot beat; benchmarks/results/experiments.md). np.sum stays for numpy
+    0.63-0.81x a "floor" it cannot beat; benchmarks/results/experiments.md). np.sum stays for numpy
     builds without a SIMD max.
     """
     buf = np.ones(mb * 2**20 // 4, dtype=np.float32)

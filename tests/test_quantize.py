@@ -185,6 +185,17 @@ def test_the_default_block_is_the_widest_up_to_128_that_divides_the_width():
     assert 256 in quantize.BLOCK_SIZES
 
 
+def test_the_cli_offers_the_block_sizes_the_exporter_takes():
+    """runtime/ may not import export/, so the CLI spells the sizes out: they must stay the same."""
+    import argparse
+
+    from dialogpt_edge.runtime.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    block = next(a for a in commands.choices["export"]._actions if "--block-size" in a.option_strings)
+    assert tuple(block.choices) == quantize.BLOCK_SIZES
+
+
 def test_a_missed_weight_matrix_fails_the_export(tiny_checkpoint, tmp_path, monkeypatch):
     real = quantize._weight_matmuls
     monkeypatch.setattr(quantize, "_weight_matmuls", lambda g: real(g)[1:])
