@@ -203,7 +203,7 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 # 256 only when asked for: it decoded the DialoGPT-small / medium shapes' int4 10-12 % faster than 128
 # on an AMD Zen 5, but what one scale per 256 weights costs on trained DialoGPT weights is not measured
 # here (the shipped 320-wide model, partly padded: perplexity +2.75 % against +2.69 % at 128)
-DEFAULT_BLOCK_SIZES = (16, 32, 64, 128)
+WIDEST_DEFAULT_BLOCK = 128
 
 
 def default_block_size(n_embd: int) -> int:
@@ -212,7 +212,8 @@ def default_block_size(n_embd: int) -> int:
     Wider blocks decode faster (fewer scales per weight; measured on the DialoGPT-small shape:
     block 32 4.79, 64 3.92, 128 3.14 ms/token) at a small fidelity cost (see the README).
     """
-    return next((b for b in reversed(DEFAULT_BLOCK_SIZES) if n_embd % b == 0), DEFAULT_BLOCK_SIZES[-1])
+    defaults = [b for b in BLOCK_SIZES if b <= WIDEST_DEFAULT_BLOCK]
+    return next((b for b in reversed(defaults) if n_embd % b == 0), WIDEST_DEFAULT_BLOCK)
 
 
 def pack_int4_blocks(w_nk: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
